@@ -1,0 +1,223 @@
+//! The application: [`App::build`] wires every component from a [`Config`]
+//! (used by `main` and by the tests alike); [`App::run_until_stopped`] runs
+//! them until the shutdown future completes, then drains.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::db::{self, Database, DbError};
+use crate::history;
+use crate::ingest::{Ingest, IngestError};
+use crate::ops::health::Status;
+use crate::ops::http::{self, OpsState};
+use crate::ops::metrics::Metrics;
+
+/// How long shutdown waits for an unavailable database before leaving
+/// unwritten batches to JetStream redelivery.
+const SHUTDOWN_DB_GRACE: Duration = Duration::from_secs(10);
+/// The bound on the whole drain after the grace period.
+const SHUTDOWN_DRAIN_BOUND: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Database(#[from] DbError),
+    #[error("cannot listen on http.addr {addr}: {source}; pick a free address or port")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("nats.url {url} cannot be used: {message}")]
+    Nats { url: String, message: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    #[error("the HTTP server failed: {0}")]
+    Http(#[source] std::io::Error),
+}
+
+pub struct App {
+    config: Config,
+    listener: TcpListener,
+    http_addr: SocketAddr,
+    db: Database,
+    nats: async_nats::Client,
+    metrics: Arc<Metrics>,
+    status: Arc<Status>,
+}
+
+impl App {
+    /// Binds the HTTP port and prepares the connections. Neither the
+    /// database nor NATS needs to be up: both are (re)connected in the background.
+    pub async fn build(config: Config) -> Result<App, BuildError> {
+        let listener = TcpListener::bind(config.http.addr)
+            .await
+            .map_err(|source| BuildError::Bind {
+                addr: config.http.addr,
+                source,
+            })?;
+        let http_addr = listener.local_addr().map_err(|source| BuildError::Bind {
+            addr: config.http.addr,
+            source,
+        })?;
+        let db = Database::connect_lazy(&config.database)?;
+        let nats = connect_nats(&config).await?;
+        tracing::info!(
+            http = %http_addr,
+            database = %config.database.url,
+            nats = %config.nats.url,
+            mode = ?config.ingest.mode,
+            "tickvault built"
+        );
+        Ok(App {
+            config,
+            listener,
+            http_addr,
+            db,
+            nats,
+            metrics: Arc::new(Metrics::new()),
+            status: Arc::new(Status::new()),
+        })
+    }
+
+    /// The bound HTTP address (useful with port 0).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Runs until `shutdown` completes (or ingest cannot go on), then stops
+    /// intake, flushes every queue, acknowledges and returns — within a bound.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), RunError> {
+        let stop_intake = CancellationToken::new();
+        let give_up = CancellationToken::new();
+        let stop_rest = CancellationToken::new();
+
+        let supervisor = tokio::spawn(db::supervise(
+            self.db.clone(),
+            self.config.database.migrate_on_start,
+            self.status.clone(),
+            self.metrics.clone(),
+            stop_rest.clone(),
+        ));
+        let ops = OpsState {
+            status: self.status.clone(),
+            metrics: self.metrics.clone(),
+            db: self.db.clone(),
+            nats: self.nats.clone(),
+        };
+        let http_stop = stop_rest.clone();
+        let http_server = tokio::spawn(async move {
+            axum::serve(self.listener, http::router(ops))
+                .with_graceful_shutdown(async move { http_stop.cancelled().await })
+                .await
+        });
+        let history = tokio::spawn(history::serve(
+            self.nats.clone(),
+            self.db.clone(),
+            self.config.history.clone(),
+            self.metrics.clone(),
+            self.status.clone(),
+            stop_intake.clone(),
+        ));
+        let ingest = Ingest {
+            config: Arc::new(self.config.ingest.clone()),
+            db: self.db.clone(),
+            client: self.nats.clone(),
+            metrics: self.metrics.clone(),
+            status: self.status.clone(),
+        };
+        let mut ingest = tokio::spawn(ingest.run(stop_intake.clone(), give_up.clone()));
+
+        let ingest_result = tokio::select! {
+            _ = shutdown => None,
+            result = &mut ingest => Some(result),
+        };
+        stop_intake.cancel();
+        let ingest_result = match ingest_result {
+            Some(result) => result,
+            None => {
+                tracing::info!("stopping intake and flushing every queue");
+                let grace = tokio::time::sleep(SHUTDOWN_DB_GRACE);
+                tokio::pin!(grace);
+                tokio::select! {
+                    result = &mut ingest => result,
+                    _ = &mut grace => {
+                        give_up.cancel();
+                        match tokio::time::timeout(SHUTDOWN_DRAIN_BOUND, &mut ingest).await {
+                            Ok(result) => result,
+                            Err(_) => {
+                                tracing::error!("ingest did not drain in time; unacknowledged messages will be redelivered");
+                                ingest.abort();
+                                Ok(Ok(()))
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        // Acknowledgements are buffered publishes: send them before leaving.
+        if let Err(e) = self.nats.flush().await {
+            tracing::warn!(error = %e, "could not flush the last acknowledgements; those messages will be redelivered");
+        }
+        let _ = history.await;
+        stop_rest.cancel();
+        let _ = supervisor.await;
+        let http_result = http_server.await;
+        self.db.pool.close().await;
+        match ingest_result {
+            Ok(result) => result?,
+            Err(e) => tracing::error!(error = %e, "ingest task failed"),
+        }
+        match http_result {
+            Ok(result) => result.map_err(RunError::Http)?,
+            Err(e) => tracing::error!(error = %e, "HTTP task failed"),
+        }
+        tracing::info!("tickvault stopped");
+        Ok(())
+    }
+}
+
+/// Connects in the background: the client retries the first connection and
+/// every reconnection with capped backoff.
+async fn connect_nats(config: &Config) -> Result<async_nats::Client, BuildError> {
+    let url = &config.nats.url;
+    let error = |message: String| BuildError::Nats {
+        url: url.redacted(),
+        message,
+    };
+    let nats_url = url.parse().map_err(&error)?;
+    let mut options = async_nats::ConnectOptions::new()
+        .name(&config.nats.client_name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5));
+    // Credentials in the URL: passed as options so they are not re-parsed or logged.
+    if let Some(password) = nats_url.password() {
+        options = options.user_and_password(nats_url.username().into(), password.into());
+    } else if !nats_url.username().is_empty() {
+        options = options.token(nats_url.username().into());
+    }
+    let mut server = nats_url.clone();
+    let _ = server.set_username("");
+    let _ = server.set_password(None);
+    options
+        .connect(server.as_str())
+        .await
+        .map_err(|e| error(e.to_string()))
+}

@@ -1,0 +1,534 @@
+//! Configuration: built-in defaults → TOML file → `TICKVAULT_*` environment →
+//! the conventional `DATABASE_URL`, `NATS_URL`, `DB_POOL_MIN`, `DB_POOL_MAX`.
+//!
+//! Every key has its default here, in `Default` impls, and nowhere else.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::secret::SecretUrl;
+
+/// The file read when no `--config` is given (it may be absent).
+pub const DEFAULT_CONFIG_FILE: &str = "tickvault.toml";
+
+/// Why a configuration could not be used. Each variant names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {path} was not found: check the --config path")]
+    FileNotFound { path: String },
+    #[error("invalid configuration key `{key}`: {message}{origin}")]
+    Parse {
+        key: String,
+        message: String,
+        origin: String,
+    },
+    #[error("invalid configuration key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// The whole configuration of a tickvault worker.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub nats: NatsConfig,
+    pub ingest: IngestConfig,
+    pub history: HistoryConfig,
+    pub http: HttpConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// PostgreSQL connection URL (`DATABASE_URL`). Its password never reaches logs.
+    pub url: SecretUrl,
+    /// Connections the pool keeps open (`DB_POOL_MIN`).
+    pub pool_min: u32,
+    /// Most connections the pool opens (`DB_POOL_MAX`).
+    pub pool_max: u32,
+    /// How long a query waits for a free connection before failing.
+    pub acquire_timeout_ms: u64,
+    /// Apply the embedded migrations when `tickvault run` starts.
+    pub migrate_on_start: bool,
+    /// TimescaleDB only: compress chunks older than this (a PostgreSQL interval; empty = never).
+    pub compress_after: String,
+    /// TimescaleDB only: drop chunks older than this (a PostgreSQL interval; empty = keep forever).
+    pub retention: String,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: SecretUrl::new("postgres://postgres@127.0.0.1:5432/postgres"),
+            pool_min: 2,
+            pool_max: 10,
+            acquire_timeout_ms: 5_000,
+            migrate_on_start: true,
+            compress_after: "7 days".into(),
+            retention: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// NATS server URL (`NATS_URL`); user, password or token in it never reach logs.
+    pub url: SecretUrl,
+    /// Name this client reports to the server.
+    pub client_name: String,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: SecretUrl::new("nats://127.0.0.1:4222"),
+            client_name: "tickvault".into(),
+        }
+    }
+}
+
+/// How messages are taken from NATS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IngestMode {
+    /// Durable pull consumers, ack after commit: nothing is lost.
+    Jetstream,
+    /// Plain queue-group subscriptions: at-most-once.
+    Core,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// `jetstream` (default) or `core`.
+    pub mode: IngestMode,
+    /// JetStream stream holding the feed; its dead letters go to `<stream>_DLQ`.
+    pub stream: String,
+    /// First subject token of the feed's subjects (`md.tick.FPT`).
+    pub subject_prefix: String,
+    /// Rows waiting in a type's queue that trigger a flush.
+    pub batch_size: usize,
+    /// Milliseconds after the first waiting row that trigger a flush.
+    pub flush_interval_ms: u64,
+    /// Most rows one flush writes when rows piled up behind a slow flush (group commit).
+    pub max_batch_rows: usize,
+    /// Rows a type may hold in memory; when full, that type stops taking messages.
+    pub queue_capacity: usize,
+    /// Most records one message may carry.
+    pub max_records_per_message: usize,
+    /// Largest payload accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Seconds JetStream waits for an ack before redelivering.
+    pub ack_wait_secs: u64,
+    /// Messages asked for per JetStream pull.
+    pub fetch_batch: usize,
+    /// Oldest message the stream keeps, in seconds (0 = no limit). Used only when tickvault creates the stream.
+    pub stream_max_age_secs: u64,
+    /// Largest size of the stream in bytes (-1 = no limit). Used only when tickvault creates the stream.
+    pub stream_max_bytes: i64,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            mode: IngestMode::Jetstream,
+            stream: "MARKET_DATA".into(),
+            subject_prefix: "md".into(),
+            batch_size: 500,
+            flush_interval_ms: 1_000,
+            max_batch_rows: 5_000,
+            queue_capacity: 10_000,
+            max_records_per_message: 1_000,
+            max_message_bytes: 1024 * 1024,
+            ack_wait_secs: 30,
+            fetch_batch: 500,
+            stream_max_age_secs: 7 * 24 * 3600,
+            stream_max_bytes: -1,
+        }
+    }
+}
+
+impl IngestConfig {
+    pub fn flush_interval(&self) -> Duration {
+        Duration::from_millis(self.flush_interval_ms)
+    }
+
+    pub fn ack_wait(&self) -> Duration {
+        Duration::from_secs(self.ack_wait_secs)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistoryConfig {
+    /// First subject token of the history endpoints (`history.ticks`).
+    pub subject_prefix: String,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            subject_prefix: "history".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of `/metrics`, `/health` and `/ready` (port 0 picks a free port).
+    pub addr: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([0, 0, 0, 0], 9464)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `pretty` (default) or `json`. The filter comes from `RUST_LOG`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Pretty,
+        }
+    }
+}
+
+impl Config {
+    /// Layers defaults, the TOML file, `TICKVAULT_*` and the conventional
+    /// variables, then validates. `file = None` reads `tickvault.toml` if present.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let figment = match file {
+            Some(path) if !path.exists() => {
+                return Err(ConfigError::FileNotFound {
+                    path: path.display().to_string(),
+                })
+            }
+            Some(path) => Self::figment(path),
+            None => Self::figment(Path::new(DEFAULT_CONFIG_FILE)),
+        };
+        let config: Config = figment.extract().map_err(ConfigError::from)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn figment(file: &Path) -> Figment {
+        Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::file(file))
+            .merge(Env::prefixed("TICKVAULT_").split("__"))
+            .merge(
+                Env::raw()
+                    .only(&["DATABASE_URL"])
+                    .map(|_| "database.url".into()),
+            )
+            .merge(Env::raw().only(&["NATS_URL"]).map(|_| "nats.url".into()))
+            .merge(
+                Env::raw()
+                    .only(&["DB_POOL_MIN"])
+                    .map(|_| "database.pool_min".into()),
+            )
+            .merge(
+                Env::raw()
+                    .only(&["DB_POOL_MAX"])
+                    .map(|_| "database.pool_max".into()),
+            )
+    }
+
+    /// Checks what types alone cannot; each error names its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                message: message.into(),
+            }
+        }
+        let db = &self.database;
+        let url = db.url.parse().map_err(|e| invalid("database.url", e))?;
+        if !matches!(url.scheme(), "postgres" | "postgresql") {
+            return Err(invalid(
+                "database.url",
+                "must start with postgres:// or postgresql://",
+            ));
+        }
+        if db.pool_max == 0 {
+            return Err(invalid("database.pool_max", "must be at least 1"));
+        }
+        if db.pool_min > db.pool_max {
+            return Err(invalid(
+                "database.pool_min",
+                format!(
+                    "{} is more than database.pool_max ({})",
+                    db.pool_min, db.pool_max
+                ),
+            ));
+        }
+        if db.acquire_timeout_ms == 0 {
+            return Err(invalid("database.acquire_timeout_ms", "must be at least 1"));
+        }
+        let nats = self.nats.url.parse().map_err(|e| invalid("nats.url", e))?;
+        if !matches!(nats.scheme(), "nats" | "tls" | "ws" | "wss") {
+            return Err(invalid(
+                "nats.url",
+                "must start with nats://, tls://, ws:// or wss://",
+            ));
+        }
+        let ingest = &self.ingest;
+        for (key, value) in [
+            ("ingest.stream", &ingest.stream),
+            ("ingest.subject_prefix", &ingest.subject_prefix),
+            ("history.subject_prefix", &self.history.subject_prefix),
+        ] {
+            if !is_subject_token(value) {
+                return Err(invalid(
+                    key,
+                    format!("{value:?} must be one NATS token of letters, digits, '_' or '-'"),
+                ));
+            }
+        }
+        let positive = [
+            ("ingest.batch_size", ingest.batch_size as u64),
+            ("ingest.flush_interval_ms", ingest.flush_interval_ms),
+            ("ingest.max_batch_rows", ingest.max_batch_rows as u64),
+            ("ingest.queue_capacity", ingest.queue_capacity as u64),
+            (
+                "ingest.max_records_per_message",
+                ingest.max_records_per_message as u64,
+            ),
+            ("ingest.max_message_bytes", ingest.max_message_bytes as u64),
+            ("ingest.ack_wait_secs", ingest.ack_wait_secs),
+            ("ingest.fetch_batch", ingest.fetch_batch as u64),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if ingest.max_batch_rows < ingest.batch_size {
+            return Err(invalid(
+                "ingest.max_batch_rows",
+                "must be at least ingest.batch_size",
+            ));
+        }
+        if ingest.queue_capacity < ingest.max_records_per_message {
+            return Err(invalid(
+                "ingest.queue_capacity",
+                "must hold at least ingest.max_records_per_message rows, or one full message could never be queued",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, with every secret shown as `***`.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the configuration always serializes to TOML")
+    }
+}
+
+impl From<figment::Error> for ConfigError {
+    /// Names the key as `section.key`, whichever provider (file, environment) it came from.
+    fn from(error: figment::Error) -> Self {
+        let origin = error
+            .metadata
+            .as_ref()
+            .map(|m| format!(" (from {})", m.name))
+            .unwrap_or_default();
+        ConfigError::Parse {
+            key: error.path.join(".").to_lowercase(),
+            message: error.kind.to_string(),
+            origin,
+        }
+    }
+}
+
+fn is_subject_token(value: &str) -> bool {
+    !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+#[cfg(test)]
+mod tests {
+    // figment's Jail returns its large error type; that is its API, not ours.
+    #![allow(clippy::result_large_err)]
+
+    use super::*;
+    use figment::Jail;
+
+    fn load_in_jail() -> Result<Config, ConfigError> {
+        Config::load(None)
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        Jail::expect_with(|_| {
+            let config = load_in_jail().unwrap();
+            assert_eq!(
+                config.database.url.expose(),
+                "postgres://postgres@127.0.0.1:5432/postgres"
+            );
+            assert_eq!(
+                (config.database.pool_min, config.database.pool_max),
+                (2, 10)
+            );
+            assert!(config.database.migrate_on_start);
+            assert_eq!(config.nats.url.expose(), "nats://127.0.0.1:4222");
+            assert_eq!(config.ingest.mode, IngestMode::Jetstream);
+            assert_eq!(config.ingest.stream, "MARKET_DATA");
+            assert_eq!(config.ingest.subject_prefix, "md");
+            assert_eq!(config.ingest.batch_size, 500);
+            assert_eq!(config.ingest.flush_interval_ms, 1000);
+            assert_eq!(config.ingest.queue_capacity, 10_000);
+            assert_eq!(config.ingest.max_records_per_message, 1000);
+            assert_eq!(config.history.subject_prefix, "history");
+            assert_eq!(config.http.addr.to_string(), "0.0.0.0:9464");
+            assert_eq!(config.log.format, LogFormat::Pretty);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn precedence_is_default_file_prefixed_env_then_conventional_env() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "tickvault.toml",
+                r#"
+                [database]
+                url = "postgres://file@127.0.0.1/file"
+                pool_max = 20
+                [ingest]
+                batch_size = 100
+                flush_interval_ms = 250
+                "#,
+            )?;
+            let config = load_in_jail().unwrap();
+            assert_eq!(
+                config.database.url.expose(),
+                "postgres://file@127.0.0.1/file"
+            );
+            assert_eq!(config.ingest.batch_size, 100);
+            assert_eq!(config.database.pool_max, 20);
+
+            jail.set_env(
+                "TICKVAULT_DATABASE__URL",
+                "postgres://prefixed@127.0.0.1/env",
+            );
+            jail.set_env("TICKVAULT_INGEST__BATCH_SIZE", "200");
+            let config = load_in_jail().unwrap();
+            assert_eq!(
+                config.database.url.expose(),
+                "postgres://prefixed@127.0.0.1/env"
+            );
+            assert_eq!(config.ingest.batch_size, 200);
+            assert_eq!(config.ingest.flush_interval_ms, 250, "file value kept");
+
+            jail.set_env("DATABASE_URL", "postgres://conventional@127.0.0.1/db");
+            jail.set_env("DB_POOL_MAX", "30");
+            jail.set_env("TICKVAULT_DATABASE__POOL_MIN", "3");
+            let config = load_in_jail().unwrap();
+            assert_eq!(
+                config.database.url.expose(),
+                "postgres://conventional@127.0.0.1/db"
+            );
+            assert_eq!(config.database.pool_max, 30);
+            assert_eq!(config.database.pool_min, 3);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn explicit_config_path_is_read_and_a_missing_one_is_an_error() {
+        Jail::expect_with(|jail| {
+            jail.create_file("other.toml", "[ingest]\nmode = \"core\"\n")?;
+            let config = Config::load(Some(Path::new("other.toml"))).unwrap();
+            assert_eq!(config.ingest.mode, IngestMode::Core);
+            let err = Config::load(Some(Path::new("missing.toml"))).unwrap_err();
+            assert!(err.to_string().contains("missing.toml"), "{err}");
+            Ok(())
+        });
+    }
+
+    fn error_with_env(name: &str, value: &str) -> String {
+        let mut message = String::new();
+        Jail::expect_with(|jail| {
+            jail.set_env(name, value);
+            message = load_in_jail().unwrap_err().to_string();
+            Ok(())
+        });
+        message
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let cases = [
+            ("DB_POOL_MIN", "11", "database.pool_min"),
+            ("TICKVAULT_INGEST__BATCH_SIZE", "0", "ingest.batch_size"),
+            ("DATABASE_URL", "not a url", "database.url"),
+            ("DATABASE_URL", "mysql://x@y/z", "database.url"),
+            ("NATS_URL", "http://127.0.0.1:4222", "nats.url"),
+            ("TICKVAULT_LOG__FORMAT", "xml", "log.format"),
+            ("TICKVAULT_INGEST__MODE", "kafka", "ingest.mode"),
+            (
+                "TICKVAULT_INGEST__QUEUE_CAPACITY",
+                "10",
+                "ingest.queue_capacity",
+            ),
+            (
+                "TICKVAULT_INGEST__SUBJECT_PREFIX",
+                "md.x",
+                "ingest.subject_prefix",
+            ),
+            ("TICKVAULT_HTTP__ADDR", "nowhere", "http.addr"),
+            ("TICKVAULT_INGEST__NO_SUCH_KEY", "1", "no_such_key"),
+        ];
+        for (name, value, key) in cases {
+            let message = error_with_env(name, value);
+            assert!(
+                message.contains(key),
+                "{name}={value}: error {message:?} does not name {key}"
+            );
+        }
+    }
+
+    #[test]
+    fn printed_configuration_hides_secrets() {
+        Jail::expect_with(|jail| {
+            jail.set_env("DATABASE_URL", "postgres://app:hunter2@127.0.0.1/db");
+            jail.set_env("NATS_URL", "nats://natsuser:s3cret@127.0.0.1:4222");
+            let config = load_in_jail().unwrap();
+            let printed = config.to_redacted_toml();
+            assert!(!printed.contains("hunter2"), "{printed}");
+            assert!(!printed.contains("s3cret"), "{printed}");
+            assert!(
+                printed.contains("postgres://app:***@127.0.0.1/db"),
+                "{printed}"
+            );
+            let debugged = format!("{config:?}");
+            assert!(!debugged.contains("hunter2") && !debugged.contains("s3cret"));
+            Ok(())
+        });
+    }
+}

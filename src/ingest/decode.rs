@@ -1,0 +1,181 @@
+//! Payload → rows: one record object or an array of them, each checked
+//! against its type's [`RecordSpec`]. Nothing in a payload can panic here.
+
+use bytes::Bytes;
+use serde_json::Value as Json;
+
+use crate::records::{RecordSpec, Reject, RejectReason, Value};
+
+/// Limits a message must respect, from `ingest.*`.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_message_bytes: usize,
+    pub max_records_per_message: usize,
+}
+
+/// Input that is not written: why, and what goes to the dead-letter subject
+/// (the whole payload, or the one rejected record's JSON text).
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    pub reject: Reject,
+    pub payload: Bytes,
+}
+
+/// What one message holds: the rows to write and the rejected input.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    pub rows: Vec<Vec<Value>>,
+    pub rejected: Vec<Rejected>,
+}
+
+impl Decoded {
+    fn whole(reason: RejectReason, detail: impl Into<String>, payload: &Bytes) -> Self {
+        Decoded {
+            rows: Vec::new(),
+            rejected: vec![Rejected {
+                reject: Reject::new(reason, detail),
+                payload: payload.clone(),
+            }],
+        }
+    }
+}
+
+pub fn decode(spec: &RecordSpec, payload: &Bytes, limits: Limits) -> Decoded {
+    if payload.len() > limits.max_message_bytes {
+        return Decoded::whole(
+            RejectReason::TooLarge,
+            format!(
+                "payload is {} bytes, more than ingest.max_message_bytes ({})",
+                payload.len(),
+                limits.max_message_bytes
+            ),
+            payload,
+        );
+    }
+    // serde_json refuses nesting deeper than 128 levels with an error, not a stack overflow.
+    let json: Json = match serde_json::from_slice(payload) {
+        Ok(json) => json,
+        Err(e) => {
+            return Decoded::whole(
+                RejectReason::InvalidJson,
+                format!("payload is not valid JSON: {e}"),
+                payload,
+            )
+        }
+    };
+    match json {
+        Json::Object(_) => match spec.parse_record(&json) {
+            Ok(row) => Decoded {
+                rows: vec![row],
+                rejected: Vec::new(),
+            },
+            Err(reject) => Decoded {
+                rows: Vec::new(),
+                rejected: vec![Rejected {
+                    reject,
+                    payload: payload.clone(),
+                }],
+            },
+        },
+        Json::Array(records) if records.is_empty() => Decoded::whole(
+            RejectReason::EmptyMessage,
+            "the array holds no record",
+            payload,
+        ),
+        Json::Array(records) if records.len() > limits.max_records_per_message => Decoded::whole(
+            RejectReason::TooManyRecords,
+            format!(
+                "{} records, more than ingest.max_records_per_message ({})",
+                records.len(),
+                limits.max_records_per_message
+            ),
+            payload,
+        ),
+        Json::Array(records) => {
+            let mut decoded = Decoded {
+                rows: Vec::with_capacity(records.len()),
+                rejected: Vec::new(),
+            };
+            for record in &records {
+                match spec.parse_record(record) {
+                    Ok(row) => decoded.rows.push(row),
+                    Err(reject) => decoded.rejected.push(Rejected {
+                        reject,
+                        payload: Bytes::from(serde_json::to_vec(record).unwrap_or_default()),
+                    }),
+                }
+            }
+            decoded
+        }
+        _ => Decoded::whole(
+            RejectReason::InvalidShape,
+            "payload must be a record object or an array of record objects",
+            payload,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::RecordType;
+
+    const LIMITS: Limits = Limits {
+        max_message_bytes: 4096,
+        max_records_per_message: 3,
+    };
+
+    fn reasons(payload: &str) -> (usize, Vec<RejectReason>) {
+        let decoded = decode(
+            RecordType::Tick.spec(),
+            &Bytes::from(payload.to_owned()),
+            LIMITS,
+        );
+        (
+            decoded.rows.len(),
+            decoded.rejected.iter().map(|r| r.reject.reason).collect(),
+        )
+    }
+
+    const TICK: &str = r#"{"symbol":"FPT","timestamp":1764123303123,"price":97.5,"volume":100,"side":"buy","seq":1}"#;
+
+    #[test]
+    fn objects_and_arrays_decode_and_bad_records_are_singled_out() {
+        assert_eq!(reasons(TICK), (1, vec![]));
+        let bad = TICK.replace("\"buy\"", "\"hold\"");
+        let (rows, rejected) = reasons(&format!("[{TICK},{bad},{TICK}]"));
+        assert_eq!((rows, rejected), (2, vec![RejectReason::InvalidValue]));
+        let decoded = decode(
+            RecordType::Tick.spec(),
+            &Bytes::from(format!("[{TICK},{bad}]")),
+            LIMITS,
+        );
+        let dead: Json = serde_json::from_slice(&decoded.rejected[0].payload).unwrap();
+        assert_eq!(
+            dead["side"], "hold",
+            "the dead letter is the rejected record alone"
+        );
+    }
+
+    #[test]
+    fn whole_message_rejections() {
+        assert_eq!(reasons("{not json").1, vec![RejectReason::InvalidJson]);
+        assert_eq!(reasons("NaN").1, vec![RejectReason::InvalidJson]);
+        assert_eq!(reasons("[]").1, vec![RejectReason::EmptyMessage]);
+        assert_eq!(reasons("42").1, vec![RejectReason::InvalidShape]);
+        assert_eq!(reasons("[1]").1, vec![RejectReason::InvalidShape]);
+        assert_eq!(
+            reasons(&format!("[{TICK},{TICK},{TICK},{TICK}]")).1,
+            vec![RejectReason::TooManyRecords]
+        );
+        assert_eq!(reasons(&" ".repeat(5000)).1, vec![RejectReason::TooLarge]);
+        let deep = format!("{}{}", "[".repeat(2000), "]".repeat(2000));
+        let big = Limits {
+            max_message_bytes: 1 << 20,
+            ..LIMITS
+        };
+        let decoded = decode(RecordType::Tick.spec(), &Bytes::from(deep), big);
+        assert_eq!(decoded.rejected[0].reject.reason, RejectReason::InvalidJson);
+        assert_eq!(reasons("\u{feff}\u{0}").1, vec![RejectReason::InvalidJson]);
+    }
+}

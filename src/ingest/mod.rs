@@ -1,0 +1,146 @@
+//! The ingest path, one pipeline per record type:
+//!
+//! ```text
+//! NATS ──source──▶ decode ──▶ queue (bounded, rows) ──batcher──▶ sink (COPY) ──▶ PostgreSQL
+//!                    └──▶ dead letters (<prefix>.dlq.<type>)        └──▶ ack after commit
+//! ```
+
+pub mod batcher;
+pub mod dead_letter;
+pub mod decode;
+pub mod sink;
+pub mod source;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{IngestConfig, IngestMode};
+use crate::db::Database;
+use crate::ops::health::Status;
+use crate::ops::metrics::Metrics;
+use crate::records::RecordType;
+use crate::retry::Backoff;
+
+use batcher::BatchLimits;
+use dead_letter::DeadLetters;
+use sink::Sink;
+use source::Source;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("JetStream stream {stream}: {message}; is JetStream enabled on the NATS server (nats-server -js)?")]
+    Stream { stream: String, message: String },
+    #[error("stream {stream} already exists with subjects [{existing}], which do not cover {missing}: add that subject to the stream, or set ingest.stream to another name")]
+    StreamMismatch {
+        stream: String,
+        missing: String,
+        existing: String,
+    },
+    #[error("JetStream consumer {consumer}: {message}")]
+    Consumer { consumer: String, message: String },
+}
+
+/// What the ingest pipelines need from the application.
+pub struct Ingest {
+    pub config: Arc<IngestConfig>,
+    pub db: Database,
+    pub client: async_nats::Client,
+    pub metrics: Arc<Metrics>,
+    pub status: Arc<Status>,
+}
+
+impl Ingest {
+    /// Runs every type's pipeline until `shutdown`, then drains: sources stop,
+    /// batchers flush what they hold. `give_up` ends waiting for an unavailable
+    /// database (JetStream then redelivers what was not acknowledged).
+    pub async fn run(
+        self,
+        shutdown: CancellationToken,
+        give_up: CancellationToken,
+    ) -> Result<(), IngestError> {
+        let js = match self.config.mode {
+            IngestMode::Jetstream => {
+                let js = jetstream::new(self.client.clone());
+                if !self.wait_for_streams(&js, &shutdown).await? {
+                    return Ok(());
+                }
+                Some(js)
+            }
+            IngestMode::Core => None,
+        };
+        let dead_letters = DeadLetters::new(
+            self.client.clone(),
+            js.clone(),
+            &self.config.subject_prefix,
+            self.metrics.clone(),
+        );
+        let limits = BatchLimits {
+            batch_size: self.config.batch_size,
+            max_batch_rows: self.config.max_batch_rows,
+            flush_interval: self.config.flush_interval(),
+        };
+        let mut sources = JoinSet::new();
+        let mut batchers = JoinSet::new();
+        for record_type in RecordType::ALL {
+            let (queue, receiver) = batcher::queue(
+                record_type,
+                self.config.queue_capacity,
+                self.metrics.clone(),
+                self.status.clone(),
+            );
+            let sink = Arc::new(Sink::new(
+                record_type,
+                self.db.clone(),
+                self.metrics.clone(),
+                dead_letters.clone(),
+                self.config.ack_wait(),
+                give_up.clone(),
+            ));
+            batchers.spawn(batcher::run(receiver, sink, limits));
+            let source = Source {
+                record_type,
+                config: self.config.clone(),
+                queue,
+                dead_letters: dead_letters.clone(),
+                metrics: self.metrics.clone(),
+                status: self.status.clone(),
+            };
+            match &js {
+                Some(js) => sources.spawn(source.run_jetstream(js.clone(), shutdown.clone())),
+                None => sources.spawn(source.run_core(self.client.clone(), shutdown.clone())),
+            };
+        }
+        // Sources end on shutdown and drop their queue senders; each batcher
+        // then flushes what it holds and ends.
+        sources.join_all().await;
+        batchers.join_all().await;
+        tracing::info!("ingest drained");
+        Ok(())
+    }
+
+    /// Ok(false) when shutdown came first.
+    async fn wait_for_streams(
+        &self,
+        js: &jetstream::Context,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, IngestError> {
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        loop {
+            match source::ensure_streams(js, &self.config).await {
+                Ok(()) => return Ok(true),
+                Err(e @ IngestError::StreamMismatch { .. }) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "JetStream not available yet; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(false),
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                }
+            }
+        }
+    }
+}

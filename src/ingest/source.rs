@@ -1,0 +1,343 @@
+//! Sources: where messages come from. In JetStream mode a durable pull
+//! consumer per type (`tickvault-<type>`); in core mode a queue-group
+//! subscription per type. Both decode each message, dead-letter what is bad
+//! and push the rows to the type's queue, waiting while it is full.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::message::Acker;
+use async_nats::jetstream::stream::{Config as StreamConfig, StorageType};
+use async_nats::jetstream::{self, AckKind};
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::IngestConfig;
+use crate::ingest::batcher::QueueSender;
+use crate::ingest::dead_letter::DeadLetters;
+use crate::ingest::decode::{decode, Limits};
+use crate::ingest::IngestError;
+use crate::ops::health::Status;
+use crate::ops::metrics::Metrics;
+use crate::records::RecordType;
+use crate::retry::Backoff;
+
+/// The queue group of core-mode subscriptions.
+pub const CORE_QUEUE_GROUP: &str = "tickvault";
+const PENDING_REFRESH: Duration = Duration::from_secs(5);
+/// How long a message whose dead letter could not be stored waits before redelivery.
+const DEAD_LETTER_RETRY: Duration = Duration::from_secs(5);
+
+/// The feed subjects a type is read from: `<prefix>.<type>.>`.
+pub fn type_subject(prefix: &str, record_type: RecordType) -> String {
+    format!("{prefix}.{}.>", record_type.name())
+}
+
+pub fn durable_name(record_type: RecordType) -> String {
+    format!("tickvault-{}", record_type.name())
+}
+
+/// Makes sure the feed stream and the dead-letter stream exist. An existing
+/// stream is used as it is when its subjects cover ours; otherwise this fails.
+pub async fn ensure_streams(
+    js: &jetstream::Context,
+    config: &IngestConfig,
+) -> Result<(), IngestError> {
+    let wanted: Vec<String> = RecordType::ALL
+        .iter()
+        .map(|t| type_subject(&config.subject_prefix, *t))
+        .collect();
+    let max_age = Duration::from_secs(config.stream_max_age_secs);
+    let streams = [
+        (config.stream.clone(), wanted),
+        (
+            format!("{}_DLQ", config.stream),
+            vec![format!("{}.dlq.>", config.subject_prefix)],
+        ),
+    ];
+    for (name, subjects) in streams {
+        let stream = js
+            .get_or_create_stream(StreamConfig {
+                name: name.clone(),
+                subjects: subjects.clone(),
+                storage: StorageType::File,
+                max_age,
+                max_bytes: config.stream_max_bytes,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| IngestError::Stream {
+                stream: name.clone(),
+                message: e.to_string(),
+            })?;
+        let existing = &stream.cached_info().config.subjects;
+        if let Some(missing) = subjects
+            .iter()
+            .find(|s| !existing.iter().any(|e| subject_covers(e, s)))
+        {
+            return Err(IngestError::StreamMismatch {
+                stream: name,
+                missing: missing.clone(),
+                existing: existing.join(", "),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Whether the subject pattern `pattern` matches every subject `subject` does.
+fn subject_covers(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(t)) if t != ">" => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Takes one type's messages and hands their rows to its queue.
+pub struct Source {
+    pub record_type: RecordType,
+    pub config: Arc<IngestConfig>,
+    pub queue: QueueSender,
+    pub dead_letters: DeadLetters,
+    pub metrics: Arc<Metrics>,
+    pub status: Arc<Status>,
+}
+
+impl Source {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_message_bytes: self.config.max_message_bytes,
+            max_records_per_message: self.config.max_records_per_message,
+        }
+    }
+
+    /// Decodes one message, dead-letters what is bad, queues the rest.
+    /// Returns false when shutdown came while waiting for queue room.
+    async fn handle(
+        &self,
+        subject: &str,
+        payload: &Bytes,
+        stream_seq: Option<u64>,
+        ack: Option<Acker>,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        self.metrics.message_received(self.record_type);
+        let decoded = decode(self.record_type.spec(), payload, self.limits());
+        let mut dead_lettered = true;
+        for rejected in &decoded.rejected {
+            dead_lettered &= self
+                .dead_letters
+                .send(self.record_type, subject, rejected)
+                .await;
+        }
+        if !dead_lettered {
+            if let Some(ack) = &ack {
+                let _ = ack.ack_with(AckKind::Nak(Some(DEAD_LETTER_RETRY))).await;
+            }
+            return true;
+        }
+        if decoded.rows.is_empty() {
+            if let Some(ack) = &ack {
+                let _ = ack.ack().await;
+            }
+            return true;
+        }
+        tokio::select! {
+            // Not acknowledged: JetStream delivers it again after restart.
+            _ = shutdown.cancelled() => false,
+            pushed = self.queue.push(subject.to_string(), decoded.rows, stream_seq, ack) => pushed.is_ok(),
+        }
+    }
+
+    /// Core mode: a queue-group subscription, at-most-once.
+    pub async fn run_core(self, client: async_nats::Client, shutdown: CancellationToken) {
+        let subject = type_subject(&self.config.subject_prefix, self.record_type);
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let mut subscription = loop {
+            match client
+                .queue_subscribe(subject.clone(), CORE_QUEUE_GROUP.to_string())
+                .await
+            {
+                Ok(subscription) => break subscription,
+                Err(e) => {
+                    tracing::warn!(subject, error = %e, "could not subscribe; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                }
+            }
+        };
+        tracing::info!(
+            subject,
+            queue_group = CORE_QUEUE_GROUP,
+            "subscribed (core mode)"
+        );
+        self.status.set_intake_ready(self.record_type, true);
+        loop {
+            let message = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                message = subscription.next() => match message {
+                    Some(message) => message,
+                    None => break,
+                },
+            };
+            if !self
+                .handle(
+                    message.subject.as_str(),
+                    &message.payload,
+                    None,
+                    None,
+                    &shutdown,
+                )
+                .await
+            {
+                break;
+            }
+        }
+        let _ = subscription.unsubscribe().await;
+        self.status.set_intake_ready(self.record_type, false);
+    }
+
+    /// JetStream mode: the durable pull consumer, re-established with
+    /// backoff whenever it is lost (NATS restart, consumer deleted).
+    pub async fn run_jetstream(self, js: jetstream::Context, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        while !shutdown.is_cancelled() {
+            match self.consumer(&js).await {
+                Ok(consumer) => {
+                    backoff.reset();
+                    self.consume(consumer, &shutdown).await;
+                    self.status.set_intake_ready(self.record_type, false);
+                }
+                Err(e) => {
+                    tracing::warn!(r#type = self.record_type.name(), error = %e, "JetStream consumer unavailable; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn consumer(&self, js: &jetstream::Context) -> Result<PullConsumer, IngestError> {
+        let config = &self.config;
+        let stream = js
+            .get_stream(&config.stream)
+            .await
+            .map_err(|e| IngestError::Stream {
+                stream: config.stream.clone(),
+                message: e.to_string(),
+            })?;
+        let name = durable_name(self.record_type);
+        stream
+            .get_or_create_consumer(
+                &name,
+                pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: type_subject(&config.subject_prefix, self.record_type),
+                    ack_policy: AckPolicy::Explicit,
+                    deliver_policy: DeliverPolicy::All,
+                    ack_wait: config.ack_wait(),
+                    // Room for a full queue plus one pull in flight.
+                    max_ack_pending: (config.queue_capacity + config.fetch_batch) as i64,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| IngestError::Consumer {
+                consumer: name,
+                message: e.to_string(),
+            })
+    }
+
+    async fn consume(&self, mut consumer: PullConsumer, shutdown: &CancellationToken) {
+        let name = self.record_type.name();
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(self.config.fetch_batch)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await;
+        let mut messages = match messages {
+            Ok(messages) => messages,
+            Err(e) => {
+                tracing::warn!(r#type = name, error = %e, "could not start pulling messages");
+                return;
+            }
+        };
+        tracing::info!(r#type = name, consumer = %durable_name(self.record_type), "consuming");
+        self.status.set_intake_ready(self.record_type, true);
+        let mut pending_refresh = tokio::time::interval(PENDING_REFRESH);
+        loop {
+            let message = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = pending_refresh.tick() => {
+                    if let Ok(info) = consumer.info().await {
+                        self.metrics.consumer_pending(self.record_type, info.num_pending);
+                    }
+                    continue;
+                }
+                message = messages.next() => message,
+            };
+            let message = match message {
+                Some(Ok(message)) => message,
+                Some(Err(e)) => {
+                    use async_nats::jetstream::consumer::pull::MessagesErrorKind as Kind;
+                    match e.kind() {
+                        Kind::MissingHeartbeat | Kind::Pull | Kind::NoResponders | Kind::Other => {
+                            tracing::debug!(r#type = name, error = %e, "pull interrupted; continuing");
+                            continue;
+                        }
+                        _ => {
+                            tracing::warn!(r#type = name, error = %e, "consumer lost; re-creating it");
+                            return;
+                        }
+                    }
+                }
+                None => return,
+            };
+            let stream_seq = message.info().ok().map(|info| info.stream_sequence);
+            let (message, ack) = message.split();
+            if !self
+                .handle(
+                    message.subject.as_str(),
+                    &message.payload,
+                    stream_seq,
+                    Some(ack),
+                    shutdown,
+                )
+                .await
+            {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subject_covers;
+
+    #[test]
+    fn subject_coverage() {
+        assert!(subject_covers("md.tick.>", "md.tick.>"));
+        assert!(subject_covers("md.>", "md.tick.>"));
+        assert!(subject_covers(">", "md.tick.>"));
+        assert!(subject_covers("md.*.>", "md.tick.>"));
+        assert!(!subject_covers("md.tick.*", "md.tick.>"));
+        assert!(!subject_covers("md.candle.>", "md.tick.>"));
+        assert!(!subject_covers("md.tick.FPT", "md.tick.>"));
+    }
+}

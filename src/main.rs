@@ -1,0 +1,110 @@
+//! The `tickvault` command line: a thin edge over the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tickvault::{ops, App, Config};
+
+#[derive(Parser)]
+#[command(
+    name = "tickvault",
+    version,
+    about = "Persists live market data from NATS into PostgreSQL and serves it back"
+)]
+struct Cli {
+    /// Configuration file (default: ./tickvault.toml when it exists).
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the worker: ingest, history service, HTTP endpoints (the default).
+    Run,
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Print the effective configuration as TOML, secrets shown as ***.
+    Config,
+    /// Query stored history through the running service.
+    History(tickvault::history::client::HistoryArgs),
+    /// Publish a synthetic market feed to NATS.
+    Feed(tickvault::feed::FeedArgs),
+    /// Measure ingest throughput against a baseline.
+    Bench(tickvault::bench::BenchArgs),
+    /// Exit 0 when the running worker's /ready answers 200.
+    Health {
+        /// The worker's HTTP address (default: http.addr from the configuration).
+        #[arg(long)]
+        url: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    ops::logging::init(config.log.format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command.unwrap_or(Command::Run), config)) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run => {
+            let app = App::build(config).await.context("cannot start tickvault")?;
+            app.run_until_stopped(ops::shutdown::signal()).await?;
+        }
+        Command::Migrate => {
+            let db = tickvault::db::Database::connect_lazy(&config.database)?;
+            db.migrate().await?;
+            println!("migrations applied to {}", config.database.url);
+        }
+        Command::Config => print!("{}", config.to_redacted_toml()),
+        Command::History(args) => return Ok(tickvault::history::client::run(&config, args).await?),
+        Command::Feed(args) => tickvault::feed::run(&config, args).await?,
+        Command::Bench(args) => tickvault::bench::run(&config, args).await?,
+        Command::Health { url } => {
+            let url = url.unwrap_or_else(|| ready_url(&config));
+            let status = reqwest::get(&url)
+                .await
+                .with_context(|| format!("{url} did not answer: is `tickvault run` running?"))?
+                .status();
+            println!("{url}: {status}");
+            if !status.is_success() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `/ready` at http.addr, with an unspecified address read as loopback.
+fn ready_url(config: &Config) -> String {
+    let mut addr = config.http.addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    format!("http://{addr}/ready")
+}

@@ -1,0 +1,408 @@
+//! The Prometheus registry and every internal event that changes a metric.
+//!
+//! Each event is one method: it updates the metric and writes the log line,
+//! so a counter and its log never disagree. Labels come from fixed sets
+//! (record type names, reject reasons, flush triggers), never raw error text.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::records::{RecordType, Reject, RejectReason};
+
+/// Why a batch was flushed: the `trigger` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushTrigger {
+    Size,
+    Interval,
+    Shutdown,
+}
+
+impl FlushTrigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlushTrigger::Size => "size",
+            FlushTrigger::Interval => "interval",
+            FlushTrigger::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// How a database health check failed: the `kind` label of
+/// `tickvault_db_health_check_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbFailureKind {
+    Timeout,
+    ConnectionRefused,
+    Authentication,
+    Other,
+}
+
+impl DbFailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DbFailureKind::Timeout => "timeout",
+            DbFailureKind::ConnectionRefused => "connection_refused",
+            DbFailureKind::Authentication => "authentication",
+            DbFailureKind::Other => "other",
+        }
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    queue_depth: IntGaugeVec,
+    queue_capacity: IntGaugeVec,
+    messages_received: IntCounterVec,
+    rows_written: IntCounterVec,
+    rejected: IntCounterVec,
+    dead_letters_failed: IntCounterVec,
+    flushes: IntCounterVec,
+    flush_duration: HistogramVec,
+    flush_errors: IntCounterVec,
+    db_pool_connections: IntGaugeVec,
+    db_pool_max: IntGauge,
+    db_up: IntGauge,
+    db_health_failures: IntCounterVec,
+    nats_connected: IntGauge,
+    history_requests: IntCounterVec,
+    history_duration: HistogramVec,
+    consumer_pending: IntGaugeVec,
+}
+
+fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique");
+    metric
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            register(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            register(
+                &registry,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        let histogram = |name: &str, help: &str, label: &str, buckets: Vec<f64>| {
+            register(
+                &registry,
+                HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &[label])
+                    .expect("valid metric"),
+            )
+        };
+        let latency_buckets = vec![
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ];
+        let metrics = Metrics {
+            queue_depth: gauge(
+                "tickvault_queue_depth",
+                "Rows waiting in a type's queue",
+                &["type"],
+            ),
+            queue_capacity: gauge(
+                "tickvault_queue_capacity",
+                "Rows a type's queue holds at most",
+                &["type"],
+            ),
+            messages_received: counter(
+                "tickvault_messages_received_total",
+                "NATS messages taken",
+                &["type"],
+            ),
+            rows_written: counter(
+                "tickvault_rows_written_total",
+                "Rows committed to PostgreSQL (duplicates of stored rows included)",
+                &["type"],
+            ),
+            rejected: counter(
+                "tickvault_rejected_total",
+                "Records or messages not written because of bad input",
+                &["type", "reason"],
+            ),
+            dead_letters_failed: counter(
+                "tickvault_dead_letter_failures_total",
+                "Rejected input that could not be published to the dead-letter subject",
+                &["type"],
+            ),
+            flushes: counter(
+                "tickvault_flushes_total",
+                "Batches committed",
+                &["type", "trigger"],
+            ),
+            flush_duration: histogram(
+                "tickvault_flush_duration_seconds",
+                "Time to commit one batch",
+                "type",
+                latency_buckets.clone(),
+            ),
+            flush_errors: counter(
+                "tickvault_flush_errors_total",
+                "Batch writes that failed and will be retried",
+                &["type"],
+            ),
+            db_pool_connections: gauge(
+                "tickvault_db_pool_connections",
+                "Database pool connections",
+                &["state"],
+            ),
+            db_pool_max: register(
+                &registry,
+                IntGauge::new("tickvault_db_pool_max", "Most connections the pool opens")
+                    .expect("valid metric"),
+            ),
+            db_up: register(
+                &registry,
+                IntGauge::new(
+                    "tickvault_db_up",
+                    "1 when the last database health check passed",
+                )
+                .expect("valid metric"),
+            ),
+            db_health_failures: counter(
+                "tickvault_db_health_check_failures_total",
+                "Failed database health checks",
+                &["kind"],
+            ),
+            nats_connected: register(
+                &registry,
+                IntGauge::new("tickvault_nats_connected", "1 while connected to NATS")
+                    .expect("valid metric"),
+            ),
+            history_requests: counter(
+                "tickvault_history_requests_total",
+                "History requests answered",
+                &["kind", "code"],
+            ),
+            history_duration: histogram(
+                "tickvault_history_duration_seconds",
+                "Time to answer one history request",
+                "kind",
+                latency_buckets,
+            ),
+            consumer_pending: gauge(
+                "tickvault_consumer_pending",
+                "JetStream messages not yet delivered to tickvault",
+                &["type"],
+            ),
+            registry,
+        };
+        // Every series exists from the start, so dashboards show 0, not "no data".
+        for t in RecordType::ALL {
+            let name = t.name();
+            metrics.queue_depth.with_label_values(&[name]);
+            metrics.messages_received.with_label_values(&[name]);
+            metrics.rows_written.with_label_values(&[name]);
+            metrics.flush_errors.with_label_values(&[name]);
+            metrics.consumer_pending.with_label_values(&[name]);
+            for reason in RejectReason::ALL {
+                metrics.rejected.with_label_values(&[name, reason.as_str()]);
+            }
+            for trigger in [
+                FlushTrigger::Size,
+                FlushTrigger::Interval,
+                FlushTrigger::Shutdown,
+            ] {
+                metrics.flushes.with_label_values(&[name, trigger.as_str()]);
+            }
+            metrics
+                .history_requests
+                .with_label_values(&[t.spec().history_kind, "200"]);
+        }
+        metrics
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("text encoding never fails");
+        String::from_utf8(buffer).expect("the text format is UTF-8")
+    }
+
+    pub fn queue_sized(&self, record_type: RecordType, capacity: usize) {
+        self.queue_capacity
+            .with_label_values(&[record_type.name()])
+            .set(capacity as i64);
+    }
+
+    pub fn queue_depth(&self, record_type: RecordType, rows: usize) {
+        self.queue_depth
+            .with_label_values(&[record_type.name()])
+            .set(rows as i64);
+    }
+
+    pub fn message_received(&self, record_type: RecordType) {
+        self.messages_received
+            .with_label_values(&[record_type.name()])
+            .inc();
+    }
+
+    pub fn rejected(&self, record_type: RecordType, subject: &str, reject: &Reject) {
+        tracing::warn!(
+            r#type = record_type.name(),
+            reason = reject.reason.as_str(),
+            subject,
+            detail = %reject.detail,
+            "rejected input, sending it to the dead-letter subject"
+        );
+        self.rejected
+            .with_label_values(&[record_type.name(), reject.reason.as_str()])
+            .inc();
+    }
+
+    pub fn dead_letter_failed(&self, record_type: RecordType, error: &str) {
+        tracing::error!(
+            r#type = record_type.name(),
+            error,
+            "could not publish a dead letter"
+        );
+        self.dead_letters_failed
+            .with_label_values(&[record_type.name()])
+            .inc();
+    }
+
+    pub fn flushed(
+        &self,
+        record_type: RecordType,
+        trigger: FlushTrigger,
+        rows: usize,
+        messages: usize,
+        elapsed: Duration,
+    ) {
+        tracing::debug!(
+            r#type = record_type.name(),
+            trigger = trigger.as_str(),
+            rows,
+            messages,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "batch committed"
+        );
+        let name = record_type.name();
+        self.flushes
+            .with_label_values(&[name, trigger.as_str()])
+            .inc();
+        self.rows_written
+            .with_label_values(&[name])
+            .inc_by(rows as u64);
+        self.flush_duration
+            .with_label_values(&[name])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn flush_failed(
+        &self,
+        record_type: RecordType,
+        rows: usize,
+        retry_in: Duration,
+        error: &dyn std::error::Error,
+    ) {
+        tracing::warn!(
+            r#type = record_type.name(),
+            rows,
+            retry_in_ms = retry_in.as_millis() as u64,
+            error = %error,
+            "batch write failed, keeping the batch and retrying"
+        );
+        self.flush_errors
+            .with_label_values(&[record_type.name()])
+            .inc();
+    }
+
+    pub fn db_pool(&self, idle: usize, size: u32, max: u32) {
+        let in_use = (size as usize).saturating_sub(idle);
+        self.db_pool_connections
+            .with_label_values(&["idle"])
+            .set(idle as i64);
+        self.db_pool_connections
+            .with_label_values(&["in_use"])
+            .set(in_use as i64);
+        self.db_pool_max.set(max as i64);
+    }
+
+    /// Records a health check's result; logs only when the state changes.
+    pub fn db_checked(&self, result: Result<(), (DbFailureKind, &dyn std::error::Error)>) {
+        let was_up = self.db_up.get() == 1;
+        match result {
+            Ok(()) => {
+                if !was_up {
+                    tracing::info!("database is up");
+                }
+                self.db_up.set(1);
+            }
+            Err((kind, error)) => {
+                self.db_health_failures
+                    .with_label_values(&[kind.as_str()])
+                    .inc();
+                if was_up
+                    || self
+                        .db_health_failures
+                        .with_label_values(&[kind.as_str()])
+                        .get()
+                        == 1
+                {
+                    tracing::warn!(kind = kind.as_str(), error = %error, "database is down; retrying with backoff");
+                }
+                self.db_up.set(0);
+            }
+        }
+    }
+
+    pub fn nats_connection(&self, connected: bool) {
+        let was = self.nats_connected.get() == 1;
+        if was != connected {
+            if connected {
+                tracing::info!("connected to NATS");
+            } else {
+                tracing::warn!("disconnected from NATS; the client reconnects by itself");
+            }
+        }
+        self.nats_connected.set(connected as i64);
+    }
+
+    pub fn history_answered(&self, kind: &str, code: u16, elapsed: Duration) {
+        tracing::debug!(
+            kind,
+            code,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "history request answered"
+        );
+        self.history_requests
+            .with_label_values(&[kind, &code.to_string()])
+            .inc();
+        self.history_duration
+            .with_label_values(&[kind])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn consumer_pending(&self, record_type: RecordType, pending: u64) {
+        self.consumer_pending
+            .with_label_values(&[record_type.name()])
+            .set(pending as i64);
+    }
+
+    /// For tests and the benchmark: a counter's current value.
+    pub fn rows_written(&self, record_type: RecordType) -> u64 {
+        self.rows_written
+            .with_label_values(&[record_type.name()])
+            .get()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

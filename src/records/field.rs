@@ -1,0 +1,328 @@
+//! Field rules: how one JSON value becomes a checked column [`Value`], and
+//! how a value is written in PostgreSQL's COPY text format.
+
+use std::fmt::Write as _;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::Value as Json;
+
+/// Why a record (or a whole message) was not written: the metric's `reason`
+/// label and the `Tickvault-Reject-Reason` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// The payload is not UTF-8 JSON.
+    InvalidJson,
+    /// Valid JSON, but neither a record object nor an array of them.
+    InvalidShape,
+    /// An array with no record in it.
+    EmptyMessage,
+    /// The payload is larger than `ingest.max_message_bytes`.
+    TooLarge,
+    /// The array holds more than `ingest.max_records_per_message` records.
+    TooManyRecords,
+    MissingField,
+    InvalidValue,
+    InvalidSymbol,
+    /// PostgreSQL refused the row although it passed every rule.
+    DatabaseRejected,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 9] = [
+        RejectReason::InvalidJson,
+        RejectReason::InvalidShape,
+        RejectReason::EmptyMessage,
+        RejectReason::TooLarge,
+        RejectReason::TooManyRecords,
+        RejectReason::MissingField,
+        RejectReason::InvalidValue,
+        RejectReason::InvalidSymbol,
+        RejectReason::DatabaseRejected,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::InvalidJson => "invalid_json",
+            RejectReason::InvalidShape => "invalid_shape",
+            RejectReason::EmptyMessage => "empty_message",
+            RejectReason::TooLarge => "too_large",
+            RejectReason::TooManyRecords => "too_many_records",
+            RejectReason::MissingField => "missing_field",
+            RejectReason::InvalidValue => "invalid_value",
+            RejectReason::InvalidSymbol => "invalid_symbol",
+            RejectReason::DatabaseRejected => "database_rejected",
+        }
+    }
+}
+
+/// A rejection: the fixed reason plus a human explanation naming the field.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reject {
+    pub reason: RejectReason,
+    pub detail: String,
+}
+
+impl Reject {
+    pub fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// The rule one field follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldType {
+    /// Trimmed, upper-cased, `^[A-Z0-9][A-Z0-9_-]{0,31}$`.
+    Symbol,
+    /// RFC 3339 with an offset, or integer epoch milliseconds.
+    Timestamp,
+    /// A finite number > 0.
+    Positive,
+    /// A finite number >= 0.
+    NonNegative,
+    /// Any finite number.
+    Finite,
+    /// An integer > 0.
+    PositiveInt,
+    /// An integer >= 0.
+    NonNegativeInt,
+    /// `buy`, `sell` or `unknown`.
+    Side,
+}
+
+/// A checked column value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Text(String),
+    Timestamp(DateTime<Utc>),
+    Float(f64),
+    Int(i64),
+    Null,
+}
+
+impl Value {
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::Float(v) => Some(*v),
+            Value::Int(v) => Some(*v as f64),
+            _ => None,
+        }
+    }
+
+    /// Appends the value in COPY text format (no delimiter).
+    pub fn write_copy_text(&self, out: &mut String) {
+        match self {
+            Value::Text(text) => {
+                for c in text.chars() {
+                    match c {
+                        '\\' => out.push_str("\\\\"),
+                        '\t' => out.push_str("\\t"),
+                        '\n' => out.push_str("\\n"),
+                        '\r' => out.push_str("\\r"),
+                        c => out.push(c),
+                    }
+                }
+            }
+            Value::Timestamp(ts) => {
+                let _ = write!(out, "{}", ts.format("%Y-%m-%d %H:%M:%S%.6f+00"));
+            }
+            // `{}` on f64 prints the shortest text that reads back to the same value.
+            Value::Float(v) => {
+                let _ = write!(out, "{v}");
+            }
+            Value::Int(v) => {
+                let _ = write!(out, "{v}");
+            }
+            Value::Null => out.push_str("\\N"),
+        }
+    }
+
+    /// The value as it appears in a history reply.
+    pub fn to_json(&self) -> Json {
+        match self {
+            Value::Text(text) => Json::String(text.clone()),
+            Value::Timestamp(ts) => Json::String(format_timestamp(ts)),
+            Value::Float(v) => serde_json::Number::from_f64(*v)
+                .map(Json::Number)
+                .unwrap_or(Json::Null),
+            Value::Int(v) => Json::from(*v),
+            Value::Null => Json::Null,
+        }
+    }
+}
+
+/// RFC 3339 in UTC with as many fractional digits as needed (`...Z`).
+pub fn format_timestamp(ts: &DateTime<Utc>) -> String {
+    ts.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+/// Parses the contract's two timestamp forms. Sub-microsecond digits are
+/// truncated, since PostgreSQL keeps microseconds.
+pub fn parse_timestamp(json: &Json) -> Result<DateTime<Utc>, String> {
+    let parsed = match json {
+        Json::String(text) => DateTime::parse_from_rfc3339(text.trim())
+            .map(|ts| ts.with_timezone(&Utc))
+            .map_err(|_| {
+                "must be an RFC 3339 timestamp with an offset or epoch milliseconds".to_string()
+            })?,
+        Json::Number(_) => {
+            let millis = integer(json).ok_or("epoch milliseconds must be an integer")?;
+            DateTime::from_timestamp_millis(millis).ok_or("epoch milliseconds out of range")?
+        }
+        _ => return Err("must be an RFC 3339 string or epoch milliseconds".into()),
+    };
+    let micros = parsed.timestamp_micros();
+    // PostgreSQL's timestamptz range, roughly: refuse what it could not store.
+    if !(-210_000_000_000_000_000..=9_000_000_000_000_000_000).contains(&micros)
+        || parsed.format("%Y").to_string().len() > 4
+    {
+        return Err("is out of the supported range".into());
+    }
+    DateTime::from_timestamp_micros(micros).ok_or_else(|| "is out of range".into())
+}
+
+/// A JSON number with no fractional part, within i64.
+fn integer(json: &Json) -> Option<i64> {
+    let number = json.as_number()?;
+    if let Some(v) = number.as_i64() {
+        return Some(v);
+    }
+    let v = number.as_f64()?;
+    // i64 spans [-2^63, 2^63): 2^63 itself does not fit, hence the half-open range.
+    const TWO_POW_63: f64 = 9_223_372_036_854_775_808.0;
+    (v.fract() == 0.0 && (-TWO_POW_63..TWO_POW_63).contains(&v)).then_some(v as i64)
+}
+
+impl FieldType {
+    /// Checks one present, non-null JSON value.
+    pub fn parse(self, name: &str, json: &Json) -> Result<Value, Reject> {
+        let invalid =
+            |rule: &str| Reject::new(RejectReason::InvalidValue, format!("field `{name}` {rule}"));
+        match self {
+            FieldType::Symbol => {
+                let text = json.as_str().ok_or_else(|| {
+                    Reject::new(
+                        RejectReason::InvalidSymbol,
+                        format!("field `{name}` must be a string"),
+                    )
+                })?;
+                let symbol = text.trim().to_ascii_uppercase();
+                if is_symbol(&symbol) {
+                    Ok(Value::Text(symbol))
+                } else {
+                    Err(Reject::new(
+                        RejectReason::InvalidSymbol,
+                        format!("field `{name}` must match ^[A-Z0-9][A-Z0-9_-]{{0,31}}$"),
+                    ))
+                }
+            }
+            FieldType::Timestamp => parse_timestamp(json)
+                .map(Value::Timestamp)
+                .map_err(|rule| invalid(&rule)),
+            FieldType::Positive | FieldType::NonNegative | FieldType::Finite => {
+                let v = json
+                    .as_f64()
+                    .filter(|v| v.is_finite())
+                    .ok_or_else(|| invalid("must be a finite number"))?;
+                match self {
+                    FieldType::Positive if v <= 0.0 => Err(invalid("must be > 0")),
+                    FieldType::NonNegative if v < 0.0 => Err(invalid("must be >= 0")),
+                    _ => Ok(Value::Float(v)),
+                }
+            }
+            FieldType::PositiveInt | FieldType::NonNegativeInt => {
+                let v = integer(json).ok_or_else(|| invalid("must be an integer"))?;
+                match self {
+                    FieldType::PositiveInt if v <= 0 => Err(invalid("must be > 0")),
+                    FieldType::NonNegativeInt if v < 0 => Err(invalid("must be >= 0")),
+                    _ => Ok(Value::Int(v)),
+                }
+            }
+            FieldType::Side => match json.as_str().map(|s| s.trim().to_ascii_lowercase()) {
+                Some(side) if matches!(side.as_str(), "buy" | "sell" | "unknown") => {
+                    Ok(Value::Text(side))
+                }
+                _ => Err(invalid("must be \"buy\", \"sell\" or \"unknown\"")),
+            },
+        }
+    }
+}
+
+/// `^[A-Z0-9][A-Z0-9_-]{0,31}$`
+pub fn is_symbol(symbol: &str) -> bool {
+    let bytes = symbol.as_bytes();
+    (1..=32).contains(&bytes.len())
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || *b == b'_' || *b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn both_timestamp_forms_give_the_same_instant() {
+        let text = parse_timestamp(&json!("2026-11-26T09:15:03.123+07:00")).unwrap();
+        let millis = parse_timestamp(&json!(text.timestamp_millis())).unwrap();
+        let float_millis = parse_timestamp(&json!(text.timestamp_millis() as f64)).unwrap();
+        assert_eq!(text, millis);
+        assert_eq!(text, float_millis);
+        assert_eq!(format_timestamp(&text), "2026-11-26T02:15:03.123Z");
+        assert!(
+            parse_timestamp(&json!("2026-11-26T09:15:03")).is_err(),
+            "offset required"
+        );
+        assert!(parse_timestamp(&json!(1.5)).is_err());
+        assert!(parse_timestamp(&json!(i64::MAX)).is_err());
+        assert!(parse_timestamp(&json!(true)).is_err());
+    }
+
+    #[test]
+    fn integers_accept_whole_floats_only() {
+        assert_eq!(integer(&json!(100)), Some(100));
+        assert_eq!(integer(&json!(100.0)), Some(100));
+        assert_eq!(integer(&json!(100.5)), None);
+        assert_eq!(integer(&json!(1e300)), None);
+        assert_eq!(integer(&json!(u64::MAX)), None);
+    }
+
+    #[test]
+    fn symbols_follow_the_contract_pattern() {
+        for ok in ["FPT", "VN30F2412", "A", "X_Y-Z", &"A".repeat(32)] {
+            assert!(is_symbol(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "-FPT",
+            "FP T",
+            "FPT.X",
+            "fpt",
+            "ĐHG",
+            &"A".repeat(33),
+            "A;DROP",
+        ] {
+            assert!(!is_symbol(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn copy_text_escapes_and_formats() {
+        let mut out = String::new();
+        for v in [
+            Value::Text("a\tb\\".into()),
+            Value::Null,
+            Value::Float(0.1),
+            Value::Int(-3),
+            Value::Timestamp(DateTime::from_timestamp_micros(1).unwrap()),
+        ] {
+            v.write_copy_text(&mut out);
+            out.push('|');
+        }
+        assert_eq!(out, "a\\tb\\\\|\\N|0.1|-3|1970-01-01 00:00:00.000001+00|");
+    }
+}

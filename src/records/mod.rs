@@ -1,0 +1,330 @@
+//! The five record types. Everything that differs between them — fields,
+//! rules, table, key, conflict rule, subjects — is data in [`RecordSpec`],
+//! read by the one generic ingest pipeline and the one history service.
+
+mod field;
+
+pub use field::{format_timestamp, parse_timestamp, FieldType, Reject, RejectReason, Value};
+
+use serde_json::{Map, Value as Json};
+
+/// One of the five market-data types; its [`name`](RecordType::name) is the
+/// subject token, metric label, `/health` key and dead-letter subject token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RecordType {
+    Tick,
+    Candle,
+    Foreign,
+    Index,
+    Deriv,
+}
+
+/// What happens when a row's key is already stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conflict {
+    /// The stored row stays: a re-sent trade is a duplicate.
+    KeepFirst,
+    /// The version from the higher JetStream stream sequence wins (`stream_seq` column).
+    NewestWins,
+}
+
+/// One column: its JSON field name (equal to the column name) and rule.
+#[derive(Debug)]
+pub struct Field {
+    pub name: &'static str,
+    pub ty: FieldType,
+    pub required: bool,
+}
+
+const fn req(name: &'static str, ty: FieldType) -> Field {
+    Field {
+        name,
+        ty,
+        required: true,
+    }
+}
+
+const fn opt(name: &'static str, ty: FieldType) -> Field {
+    Field {
+        name,
+        ty,
+        required: false,
+    }
+}
+
+/// Everything tickvault knows about one record type.
+#[derive(Debug)]
+pub struct RecordSpec {
+    pub record_type: RecordType,
+    pub table: &'static str,
+    /// Name of the history endpoint (`history.<kind>`) and its metric label.
+    pub history_kind: &'static str,
+    /// Columns in table order; the first is the identifier, the second `timestamp`.
+    pub fields: &'static [Field],
+    /// The unique key, as column names.
+    pub key: &'static [&'static str],
+    pub conflict: Conflict,
+    /// A rule across fields, run after each field passed its own.
+    pub check: fn(&[Value]) -> Result<(), Reject>,
+}
+
+fn no_cross_field_rule(_: &[Value]) -> Result<(), Reject> {
+    Ok(())
+}
+
+/// A candle's low is at most its open and close, which are at most its high.
+fn candle_range(row: &[Value]) -> Result<(), Reject> {
+    let [open, high, low, close] = [2, 3, 4, 5].map(|i| row[i].as_f64().unwrap_or(f64::NAN));
+    if low <= open && low <= close && open <= high && close <= high {
+        Ok(())
+    } else {
+        Err(Reject::new(
+            RejectReason::InvalidValue,
+            "candle must satisfy low <= open, close <= high",
+        ))
+    }
+}
+
+use FieldType::*;
+
+const TICK: RecordSpec = RecordSpec {
+    record_type: RecordType::Tick,
+    table: "tick_data",
+    history_kind: "ticks",
+    fields: &[
+        req("symbol", Symbol),
+        req("timestamp", Timestamp),
+        req("price", Positive),
+        req("volume", PositiveInt),
+        req("side", Side),
+        req("seq", NonNegativeInt),
+    ],
+    key: &["symbol", "timestamp", "seq"],
+    conflict: Conflict::KeepFirst,
+    check: no_cross_field_rule,
+};
+
+const CANDLE: RecordSpec = RecordSpec {
+    record_type: RecordType::Candle,
+    table: "candles_1m",
+    history_kind: "candles",
+    fields: &[
+        req("symbol", Symbol),
+        req("timestamp", Timestamp),
+        req("open", Positive),
+        req("high", Positive),
+        req("low", Positive),
+        req("close", Positive),
+        req("volume", NonNegativeInt),
+        opt("value", NonNegative),
+    ],
+    key: &["symbol", "timestamp"],
+    conflict: Conflict::NewestWins,
+    check: candle_range,
+};
+
+const FOREIGN: RecordSpec = RecordSpec {
+    record_type: RecordType::Foreign,
+    table: "foreign_flow",
+    history_kind: "foreign",
+    fields: &[
+        req("symbol", Symbol),
+        req("timestamp", Timestamp),
+        req("buy_volume", NonNegativeInt),
+        req("sell_volume", NonNegativeInt),
+        req("buy_value", NonNegative),
+        req("sell_value", NonNegative),
+        opt("room", NonNegativeInt),
+    ],
+    key: &["symbol", "timestamp"],
+    conflict: Conflict::NewestWins,
+    check: no_cross_field_rule,
+};
+
+const INDEX: RecordSpec = RecordSpec {
+    record_type: RecordType::Index,
+    table: "index_snapshots",
+    history_kind: "index",
+    fields: &[
+        req("index_name", Symbol),
+        req("timestamp", Timestamp),
+        req("value", Positive),
+        req("change", Finite),
+        req("change_pct", Finite),
+        req("volume", NonNegativeInt),
+        req("traded_value", NonNegative),
+        opt("advances", NonNegativeInt),
+        opt("declines", NonNegativeInt),
+        opt("unchanged", NonNegativeInt),
+    ],
+    key: &["index_name", "timestamp"],
+    conflict: Conflict::NewestWins,
+    check: no_cross_field_rule,
+};
+
+const DERIV: RecordSpec = RecordSpec {
+    record_type: RecordType::Deriv,
+    table: "derivatives",
+    history_kind: "derivatives",
+    fields: &[
+        req("contract", Symbol),
+        req("timestamp", Timestamp),
+        req("price", Positive),
+        req("basis", Finite),
+        req("open_interest", NonNegativeInt),
+        req("volume", NonNegativeInt),
+    ],
+    key: &["contract", "timestamp"],
+    conflict: Conflict::NewestWins,
+    check: no_cross_field_rule,
+};
+
+impl RecordType {
+    pub const ALL: [RecordType; 5] = [
+        RecordType::Tick,
+        RecordType::Candle,
+        RecordType::Foreign,
+        RecordType::Index,
+        RecordType::Deriv,
+    ];
+
+    pub fn spec(self) -> &'static RecordSpec {
+        match self {
+            RecordType::Tick => &TICK,
+            RecordType::Candle => &CANDLE,
+            RecordType::Foreign => &FOREIGN,
+            RecordType::Index => &INDEX,
+            RecordType::Deriv => &DERIV,
+        }
+    }
+
+    /// The contract's type name: `tick`, `candle`, `foreign`, `index`, `deriv`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RecordType::Tick => "tick",
+            RecordType::Candle => "candle",
+            RecordType::Foreign => "foreign",
+            RecordType::Index => "index",
+            RecordType::Deriv => "deriv",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<RecordType> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    pub fn from_history_kind(kind: &str) -> Option<RecordType> {
+        Self::ALL
+            .into_iter()
+            .find(|t| t.spec().history_kind == kind)
+    }
+}
+
+impl RecordSpec {
+    /// The identifier column: `symbol`, `index_name` or `contract`.
+    pub fn id_field(&self) -> &'static str {
+        self.fields[0].name
+    }
+
+    pub fn column_names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.fields.iter().map(|f| f.name)
+    }
+
+    /// Positions of the key columns within a row.
+    pub fn key_positions(&self) -> Vec<usize> {
+        self.key
+            .iter()
+            .map(|k| {
+                self.fields
+                    .iter()
+                    .position(|f| f.name == *k)
+                    .expect("every key column is a field")
+            })
+            .collect()
+    }
+
+    /// Validates one JSON record into a row of [`Value`]s in column order.
+    pub fn parse_record(&self, record: &Json) -> Result<Vec<Value>, Reject> {
+        let object: &Map<String, Json> = record.as_object().ok_or_else(|| {
+            Reject::new(RejectReason::InvalidShape, "a record must be a JSON object")
+        })?;
+        let mut row = Vec::with_capacity(self.fields.len());
+        for field in self.fields {
+            let value = match object.get(field.name) {
+                None | Some(Json::Null) if field.required => {
+                    return Err(Reject::new(
+                        RejectReason::MissingField,
+                        format!("field `{}` is required", field.name),
+                    ))
+                }
+                None | Some(Json::Null) => Value::Null,
+                Some(json) => field.ty.parse(field.name, json)?,
+            };
+            row.push(value);
+        }
+        (self.check)(&row)?;
+        Ok(row)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn every_key_column_is_a_field_and_names_round_trip() {
+        for t in RecordType::ALL {
+            let spec = t.spec();
+            assert_eq!(spec.record_type, t);
+            assert_eq!(spec.key_positions().len(), spec.key.len());
+            assert_eq!(spec.fields[1].name, "timestamp");
+            assert_eq!(RecordType::from_name(t.name()), Some(t));
+            assert_eq!(RecordType::from_history_kind(spec.history_kind), Some(t));
+        }
+    }
+
+    #[test]
+    fn a_tick_parses_in_column_order() {
+        let row = TICK
+            .parse_record(&json!({"symbol": " fpt ", "timestamp": 1764123303123i64,
+                "price": 97.5, "volume": 100.0, "side": "buy", "seq": 7, "extra": true}))
+            .unwrap();
+        assert_eq!(row[0], Value::Text("FPT".into()));
+        assert_eq!(row[3], Value::Int(100));
+        assert_eq!(row[4], Value::Text("buy".into()));
+        assert_eq!(row[5], Value::Int(7));
+    }
+
+    #[test]
+    fn rules_reject_with_their_reason() {
+        let base = json!({"symbol": "FPT", "timestamp": "2026-11-26T09:15:03+07:00",
+            "open": 10, "high": 12, "low": 9, "close": 11, "volume": 5});
+        assert!(CANDLE.parse_record(&base).is_ok());
+        let cases = [
+            ("high", json!(8), RejectReason::InvalidValue),
+            ("volume", json!(-1), RejectReason::InvalidValue),
+            ("volume", json!(1.5), RejectReason::InvalidValue),
+            ("open", json!("10"), RejectReason::InvalidValue),
+            ("symbol", json!("FPT.X"), RejectReason::InvalidSymbol),
+            (
+                "timestamp",
+                json!("2026-11-26 09:15"),
+                RejectReason::InvalidValue,
+            ),
+            ("low", Json::Null, RejectReason::MissingField),
+        ];
+        for (field, value, reason) in cases {
+            let mut record = base.clone();
+            record[field] = value.clone();
+            let reject = CANDLE.parse_record(&record).unwrap_err();
+            assert_eq!(reject.reason, reason, "{field}={value}: {}", reject.detail);
+        }
+        let optional_missing = INDEX
+            .parse_record(&json!({"index_name": "vn30",
+            "timestamp": 0, "value": 1300.5, "change": -2, "change_pct": -0.15,
+            "volume": 0, "traded_value": 0}))
+            .unwrap();
+        assert_eq!(optional_missing[7], Value::Null);
+    }
+}

@@ -1,0 +1,534 @@
+//! `spawn_app` and private servers for the tests.
+//!
+//! Shared services: `TEST_DATABASE_ADMIN_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`) and `TEST_NATS_URL`
+//! (default `nats://127.0.0.1:4222`). Each test gets a fresh database named
+//! by a UUID, its own stream and subject prefixes; all are removed on drop.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tickvault::app::RunError;
+use tickvault::secret::SecretUrl;
+use tickvault::{App, Config};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_ADMIN_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn shared_nats_url() -> String {
+    std::env::var("TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// A short unique token for names: database, stream, subject prefixes.
+pub fn unique() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or panics after `bound`.
+pub async fn wait_for<T, F, Fut>(bound: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if start.elapsed() > bound {
+            panic!("timed out after {bound:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A database of its own on a PostgreSQL server, dropped with the value.
+pub struct TestDatabase {
+    pub name: String,
+    pub url: String,
+    admin_url: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> TestDatabase {
+        Self::create_on(&admin_url()).await
+    }
+
+    pub async fn create_on(admin_url: &str) -> TestDatabase {
+        let name = format!("tv_test_{}", unique());
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(admin_url)
+            .await
+            .expect("the test PostgreSQL answers");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .expect("create the test database");
+        admin.close().await;
+        let mut url = url::Url::parse(admin_url).unwrap();
+        url.set_path(&name);
+        TestDatabase {
+            name,
+            url: url.to_string(),
+            admin_url: admin_url.to_string(),
+        }
+    }
+
+    pub async fn pool(&self) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&self.url)
+            .await
+            .expect("connect to the test database")
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        // Drop runs outside async: psql does it synchronously.
+        let _ = Command::new("psql")
+            .arg(&self.admin_url)
+            .args([
+                "-q",
+                "-c",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A configuration for one test: random HTTP port, unique stream and prefixes.
+pub fn test_config(database_url: &str, nats_url: &str) -> Config {
+    let id = unique();
+    let mut config = Config::default();
+    config.database.url = SecretUrl::new(database_url);
+    config.database.pool_min = 0;
+    config.database.pool_max = 5;
+    config.nats.url = SecretUrl::new(nats_url);
+    config.ingest.stream = format!("TV_{id}");
+    config.ingest.subject_prefix = format!("md{id}");
+    config.history.subject_prefix = format!("history{id}");
+    config.http.addr = "127.0.0.1:0".parse().unwrap();
+    config
+}
+
+/// The running application of one test, and what the test needs to talk to it.
+pub struct TestApp {
+    pub config: Config,
+    pub http: SocketAddr,
+    pub pool: PgPool,
+    pub nats: async_nats::Client,
+    pub js: jetstream::Context,
+    pub metrics: std::sync::Arc<tickvault::ops::metrics::Metrics>,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<Result<(), RunError>>>,
+    db: Option<TestDatabase>,
+}
+
+/// Starts the real application on the shared services; `customize` edits its config.
+pub async fn spawn_app(customize: impl FnOnce(&mut Config)) -> TestApp {
+    let db = TestDatabase::create().await;
+    let mut config = test_config(&db.url, &shared_nats_url());
+    customize(&mut config);
+    let mut app = start(config).await;
+    app.db = Some(db);
+    app.wait_ready().await;
+    app
+}
+
+/// Starts the application with `config` as it is, without waiting for readiness.
+pub async fn start(config: Config) -> TestApp {
+    tickvault::ops::logging::init(config.log.format);
+    let built = App::build(config.clone()).await.expect("the app builds");
+    let http = built.http_addr();
+    let metrics = built.metrics();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let handle = tokio::spawn(built.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    let nats = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(config.nats.url.expose())
+        .await
+        .expect("test NATS client");
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_lazy(config.database.url.expose())
+        .expect("test pool");
+    TestApp {
+        js: jetstream::new(nats.clone()),
+        config,
+        http,
+        pool,
+        nats,
+        metrics,
+        stop: Some(stop),
+        handle: Some(handle),
+        db: None,
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let response = reqwest::get(self.url(path)).await.expect("HTTP answers");
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap_or_default())
+    }
+
+    pub async fn health(&self) -> serde_json::Value {
+        let (status, body) = self.get("/health").await;
+        assert_eq!(status, 200, "/health is always 200: {body}");
+        serde_json::from_str(&body).expect("/health is JSON")
+    }
+
+    pub async fn ready_status(&self) -> u16 {
+        self.get("/ready").await.0
+    }
+
+    pub async fn wait_ready(&self) {
+        wait_for(Duration::from_secs(30), "/ready to answer 200", || async {
+            (self.ready_status().await == 200).then_some(())
+        })
+        .await
+    }
+
+    /// A metric's value from `/metrics`, summed over series whose labels contain `labels`.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let (_, body) = self.get("/metrics").await;
+        metric_value(&body, name, labels)
+    }
+
+    /// Feed subject for a type and symbol: `<prefix>.<type>.<symbol>`.
+    pub fn subject(&self, record_type: &str, symbol: &str) -> String {
+        format!(
+            "{}.{record_type}.{symbol}",
+            self.config.ingest.subject_prefix
+        )
+    }
+
+    /// Publishes to the feed stream and waits for JetStream's ack.
+    pub async fn publish(&self, subject: String, payload: impl Into<bytes::Bytes>) -> u64 {
+        self.js
+            .publish(subject, payload.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stream ack")
+            .sequence
+    }
+
+    pub async fn count(&self, table: &str) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or(-1)
+    }
+
+    pub async fn wait_for_rows(&self, table: &str, rows: i64) {
+        wait_for(
+            Duration::from_secs(30),
+            &format!("{rows} rows in {table}"),
+            || async { (self.count(table).await == rows).then_some(()) },
+        )
+        .await
+    }
+
+    /// Stops the app as SIGTERM would and returns its result.
+    pub async fn stop(&mut self) -> Result<(), RunError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let handle = self.handle.take().expect("running");
+        tokio::time::timeout(Duration::from_secs(40), handle)
+            .await
+            .expect("shutdown is bounded")
+            .expect("the app task does not panic")
+    }
+
+    /// Gives the test database to another app (a restart), keeping it alive.
+    pub fn take_database(&mut self) -> Option<TestDatabase> {
+        self.db.take()
+    }
+
+    pub fn set_database(&mut self, db: Option<TestDatabase>) {
+        self.db = db;
+    }
+
+    /// Deletes this test's streams (feed and dead letters).
+    pub async fn delete_streams(&self) {
+        let _ = self.js.delete_stream(&self.config.ingest.stream).await;
+        let _ = self
+            .js
+            .delete_stream(format!("{}_DLQ", self.config.ingest.stream))
+            .await;
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+        }
+        // Streams live on the shared server: remove them from a helper thread.
+        let js = self.js.clone();
+        let streams = [
+            self.config.ingest.stream.clone(),
+            format!("{}_DLQ", self.config.ingest.stream),
+        ];
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                for stream in streams {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), js.delete_stream(stream))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Sums the samples of `name` whose label set contains every pair of `labels`.
+pub fn metric_value(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    exposition
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((metric, rest)) => (metric, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let all = labels
+                .iter()
+                .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")));
+            all.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for_port(port: u16, up: bool, bound: Duration) {
+    let start = Instant::now();
+    loop {
+        let open = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+        if open == up {
+            return;
+        }
+        assert!(
+            start.elapsed() < bound,
+            "port {port} did not become {}",
+            if up { "open" } else { "closed" }
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A private nats-server with JetStream on a free port, for tests that stop it.
+pub struct NatsServer {
+    pub port: u16,
+    store: tempfile::TempDir,
+    child: Option<Child>,
+    extra_args: Vec<String>,
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        Self::start_with(&[])
+    }
+
+    /// `extra_args` go to nats-server as they are (e.g. a config file).
+    pub fn start_with(extra_args: &[&str]) -> NatsServer {
+        let mut server = NatsServer {
+            port: free_port(),
+            store: tempfile::tempdir().unwrap(),
+            child: None,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        server.resume();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) on the same port and store.
+    pub fn resume(&mut self) {
+        let child = Command::new("nats-server")
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.store.path())
+            .args(&self.extra_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server is installed");
+        self.child = Some(child);
+        wait_for_port(self.port, true, Duration::from_secs(10));
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        wait_for_port(self.port, false, Duration::from_secs(10));
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A private PostgreSQL cluster (`initdb` + `pg_ctl`) on a free port, for
+/// tests that stop the database. Runs as the `postgres` user when we are root.
+pub struct PgServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    running: bool,
+}
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+fn pg_command(program: &str) -> Command {
+    let path = format!("{PG_BIN}/{program}");
+    if is_root() {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--", &path]);
+        command
+    } else {
+        Command::new(path)
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+impl PgServer {
+    pub fn start() -> PgServer {
+        let dir = tempfile::Builder::new()
+            .prefix("tickvault-pg-")
+            .tempdir()
+            .unwrap();
+        if is_root() {
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .unwrap();
+        }
+        let status = pg_command("initdb")
+            .args(["-U", "postgres", "--auth=trust", "-D"])
+            .arg(dir.path().join("data"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("initdb is installed");
+        assert!(status.success(), "initdb failed");
+        let mut server = PgServer {
+            port: free_port(),
+            dir,
+            running: false,
+        };
+        server.resume();
+        server
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn resume(&mut self) {
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let status = pg_command("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-o", &options, "-l"])
+            .arg(self.dir.path().join("log"))
+            .args(["-w", "start"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("pg_ctl runs");
+        assert!(status.success(), "pg_ctl start failed");
+        self.running = true;
+    }
+
+    pub fn stop(&mut self) {
+        let _ = pg_command("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        self.running = false;
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        if self.running {
+            self.stop();
+        }
+    }
+}

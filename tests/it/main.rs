@@ -1,0 +1,12 @@
+//! Integration tests: one binary, modules per capability. Every test starts
+//! the real application (`App::build`) against the real PostgreSQL and NATS,
+//! with its own database, stream and subject prefixes.
+
+mod helpers;
+
+mod bad_input;
+mod config_cli;
+mod history;
+mod ingest;
+mod lifecycle;
+mod migrations;
