@@ -4,7 +4,9 @@
 
 mod field;
 
-pub use field::{format_timestamp, parse_timestamp, FieldType, Reject, RejectReason, Value};
+pub use field::{
+    format_timestamp, is_symbol, parse_timestamp, FieldType, Reject, RejectReason, Value,
+};
 
 use serde_json::{Map, Value as Json};
 

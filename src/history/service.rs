@@ -1,0 +1,272 @@
+//! The `tickvault-history` NATS micro service: one endpoint per record type,
+//! requests answered concurrently (bounded), replies cut to the server's
+//! max payload, errors as a JSON body plus the micro-service error headers.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::service::{ServiceExt as _, NATS_SERVICE_ERROR, NATS_SERVICE_ERROR_CODE};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures::stream::{self, StreamExt as _, TryStreamExt as _};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::query::{self, RowKey};
+use super::request::{self, Query};
+use super::HistoryError;
+use crate::config::HistoryConfig;
+use crate::db::Database;
+use crate::ops::health::Status;
+use crate::ops::metrics::Metrics;
+use crate::records::RecordType;
+use crate::retry::Backoff;
+
+pub const SERVICE_NAME: &str = "tickvault-history";
+pub const QUEUE_GROUP: &str = "tickvault-history";
+/// Requests answered at the same time; more wait in the subscription.
+const MAX_IN_FLIGHT: usize = 32;
+/// The reply size when the server does not say its max payload.
+const FALLBACK_MAX_PAYLOAD: usize = 1024 * 1024;
+/// Room kept for the reply envelope (`{"rows":[` ... `],"next_cursor":"..."}`).
+const ENVELOPE_MARGIN: usize = 1024;
+/// A query taking longer than this is answered 503 (the database is struggling).
+const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long shutdown waits for requests being answered.
+const DRAIN_BOUND: Duration = Duration::from_secs(5);
+
+/// Shared by every request task.
+struct Context {
+    client: async_nats::Client,
+    db: Database,
+    metrics: Arc<Metrics>,
+}
+
+pub async fn serve(
+    client: async_nats::Client,
+    db: Database,
+    config: HistoryConfig,
+    metrics: Arc<Metrics>,
+    status: Arc<Status>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let (service, endpoints) = loop {
+        let started = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            started = start(&client, &config) => started,
+        };
+        match started {
+            Ok(started) => break started,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
+                    "cannot start the history service; is NATS reachable?");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    };
+    status.set_history_ready(true);
+    tracing::info!(prefix = %config.subject_prefix, "history service started");
+
+    let context = Arc::new(Context {
+        client,
+        db,
+        metrics,
+    });
+    let mut requests = stream::select_all(
+        endpoints
+            .into_iter()
+            .map(|(record_type, endpoint)| endpoint.map(move |request| (record_type, request))),
+    );
+    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            next = requests.next() => {
+                let Some((record_type, request)) = next else { break };
+                let permit = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    permit = permits.clone().acquire_owned() => permit,
+                };
+                let Ok(permit) = permit else { break };
+                let context = context.clone();
+                tasks.spawn(async move {
+                    handle(&context, record_type, request).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+    status.set_history_ready(false);
+    drop(requests);
+    if let Err(e) = service.stop().await {
+        tracing::warn!(error = %e, "could not stop the history service cleanly");
+    }
+    let drained = tokio::time::timeout(DRAIN_BOUND, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("history requests still running at shutdown were abandoned");
+        tasks.abort_all();
+    }
+    tracing::info!("history service stopped");
+}
+
+type Started = (
+    async_nats::service::Service,
+    Vec<(RecordType, async_nats::service::endpoint::Endpoint)>,
+);
+
+async fn start(
+    client: &async_nats::Client,
+    config: &HistoryConfig,
+) -> Result<Started, async_nats::Error> {
+    let service = client
+        .service_builder()
+        .description("tickvault market-data history: ticks, candles, foreign, index, derivatives")
+        .queue_group(QUEUE_GROUP)
+        .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+        .await?;
+    let mut endpoints = Vec::with_capacity(RecordType::ALL.len());
+    for record_type in RecordType::ALL {
+        let kind = record_type.spec().history_kind;
+        let endpoint = service
+            .endpoint_builder()
+            .name(kind)
+            .add(format!("{}.{kind}", config.subject_prefix))
+            .await;
+        match endpoint {
+            Ok(endpoint) => endpoints.push((record_type, endpoint)),
+            Err(e) => {
+                let _ = service.stop().await;
+                return Err(e);
+            }
+        }
+    }
+    Ok((service, endpoints))
+}
+
+async fn handle(context: &Context, record_type: RecordType, request: async_nats::service::Request) {
+    let started = Instant::now();
+    let kind = record_type.spec().history_kind;
+    let max_payload = match context.client.server_info().max_payload {
+        0 => FALLBACK_MAX_PAYLOAD,
+        n => n,
+    };
+    let result = match request::parse(record_type, &request.message.payload) {
+        Ok(query) => answer(&context.db, &query, max_payload).await,
+        Err(e) => Err(e),
+    };
+    let code = match result {
+        Ok(body) => {
+            if let Err(e) = request.respond(Ok(body)).await {
+                tracing::warn!(kind, error = %e, "could not send a history reply");
+            }
+            200
+        }
+        Err(error) => {
+            let code = error.code();
+            if code >= 500 {
+                tracing::warn!(kind, code, error = %error, cause = ?std::error::Error::source(&error).map(|s| s.to_string()),
+                    "history request failed");
+            }
+            let mut headers = HeaderMap::new();
+            headers.insert(NATS_SERVICE_ERROR, error.to_string().as_str());
+            headers.insert(NATS_SERVICE_ERROR_CODE, code.to_string().as_str());
+            if let Err(e) = request
+                .respond_with_headers(Ok(error.reply_body()), headers)
+                .await
+            {
+                tracing::warn!(kind, error = %e, "could not send a history error reply");
+            }
+            code
+        }
+    };
+    context
+        .metrics
+        .history_answered(kind, code, started.elapsed());
+}
+
+/// Runs the query and writes the reply: as many rows as fit in `max_payload`
+/// (and `limit`), and a cursor when more rows match.
+pub async fn answer(
+    db: &Database,
+    query: &Query,
+    max_payload: usize,
+) -> Result<Bytes, HistoryError> {
+    match tokio::time::timeout(QUERY_TIMEOUT, write_reply(db, query, max_payload)).await {
+        Ok(result) => result,
+        Err(_) => Err(HistoryError::Timeout(QUERY_TIMEOUT)),
+    }
+}
+
+async fn write_reply(
+    db: &Database,
+    query: &Query,
+    max_payload: usize,
+) -> Result<Bytes, HistoryError> {
+    let spec = query.spec;
+    let budget = max_payload.saturating_sub(ENVELOPE_MARGIN);
+    // No more rows can fit than this, whatever `limit` says.
+    let fit = (budget / query::min_row_bytes(spec)).max(1);
+    let page = (query.limit as usize).min(fit);
+    let (sql, args) = query::build(query, page as i64 + 1)?;
+    let mut rows = sqlx::query_with(&sql, args).fetch(&db.pool);
+
+    let mut out = Vec::with_capacity(budget.min(64 * 1024));
+    out.extend_from_slice(b"{\"rows\":[");
+    let mut row_json = Vec::with_capacity(256);
+    let mut returned = 0usize;
+    let mut last: Option<RowKey> = None;
+    let mut more = false;
+    while let Some(row) = rows.try_next().await? {
+        if returned == page {
+            more = true;
+            break;
+        }
+        row_json.clear();
+        let key = query::write_row(spec, &row, &mut row_json)?;
+        let separator = usize::from(returned > 0);
+        if out.len() + separator + row_json.len() > budget {
+            if returned == 0 {
+                return Err(HistoryError::RowTooLarge);
+            }
+            more = true;
+            break;
+        }
+        if separator == 1 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&row_json);
+        returned += 1;
+        last = Some(key);
+    }
+    drop(rows);
+    out.extend_from_slice(b"],\"next_cursor\":");
+    match last.filter(|_| more) {
+        Some(key) => {
+            out.push(b'"');
+            out.extend_from_slice(
+                query
+                    .cursor_after(key.timestamp, key.seq)
+                    .encode()
+                    .as_bytes(),
+            );
+            out.push(b'"');
+        }
+        None => out.extend_from_slice(b"null"),
+    }
+    out.push(b'}');
+    if out.len() > max_payload {
+        return Err(HistoryError::RowTooLarge);
+    }
+    Ok(Bytes::from(out))
+}
