@@ -152,7 +152,10 @@ pub async fn spawn_app(customize: impl FnOnce(&mut Config)) -> TestApp {
 
 /// Starts the application with `config` as it is, without waiting for readiness.
 pub async fn start(config: Config) -> TestApp {
-    tickvault::ops::logging::init(config.log.format);
+    // Logs only when asked for: `RUST_LOG=info cargo test`.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tickvault::ops::logging::init(config.log.format);
+    }
     let built = App::build(config.clone()).await.expect("the app builds");
     let http = built.http_addr();
     let metrics = built.metrics();

@@ -1,1 +1,686 @@
-//! (being written)
+//! Ingest: NATS → batched COPY, for all five types, with the contract's key
+//! semantics, flush triggers, redelivery, backpressure and shutdown.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sqlx::Row;
+
+use crate::helpers::{
+    metric_value, spawn_app, start, test_config, wait_for, PgServer, TestDatabase,
+};
+
+pub fn tick(symbol: &str, ts_ms: i64, seq: i64, price: f64) -> Value {
+    json!({"symbol": symbol, "timestamp": ts_ms, "price": price, "volume": 100,
+           "side": "buy", "seq": seq})
+}
+
+/// A valid candle whose close tells its version apart.
+pub fn candle(symbol: &str, ts_ms: i64, close: f64) -> Value {
+    json!({"symbol": symbol, "timestamp": ts_ms, "open": close, "high": close + 1.0,
+           "low": close, "close": close, "volume": 1000, "value": 1.5e7})
+}
+
+/// 2026-11-26 09:15 +07:00
+const T0: i64 = 1_764_123_300_000;
+
+#[tokio::test]
+async fn every_type_lands_with_its_values_from_objects_and_arrays() {
+    let app = spawn_app(|c| c.ingest.flush_interval_ms = 200).await;
+    let messages = [
+        (
+            "tick",
+            "FPT",
+            json!({"symbol": "fpt", "timestamp": "2026-11-26T09:15:03.123456+07:00",
+            "price": 97.5, "volume": 100.0, "side": "SELL", "seq": 1}),
+        ),
+        (
+            "tick",
+            "FPT",
+            json!([tick("FPT", T0, 2, 97.6), tick("FPT", T0, 3, 97.7)]),
+        ),
+        (
+            "candle",
+            "FPT",
+            json!({"symbol": "FPT", "timestamp": "2026-11-26T09:15:00+07:00",
+            "open": 97.0, "high": 98.0, "low": 96.5, "close": 97.5, "volume": 12000}),
+        ),
+        (
+            "candle",
+            "VNM",
+            json!([candle("VNM", T0, 11.0), candle("VNM", T0 + 60_000, 12.0)]),
+        ),
+        (
+            "foreign",
+            "HPG",
+            json!({"symbol": "HPG", "timestamp": T0, "buy_volume": 10,
+            "sell_volume": 20, "buy_value": 1.5e6, "sell_value": 3.0e6, "room": 1000}),
+        ),
+        (
+            "foreign",
+            "HPG",
+            json!([{"symbol": "HPG", "timestamp": T0 + 1000, "buy_volume": 11,
+            "sell_volume": 21, "buy_value": 1.6e6, "sell_value": 3.1e6}]),
+        ),
+        (
+            "index",
+            "VNINDEX",
+            json!({"index_name": "VNINDEX", "timestamp": "2026-11-26T09:15:00+07:00",
+            "value": 1250.5, "change": -3.25, "change_pct": -0.26, "volume": 500000,
+            "traded_value": 1.2e10, "advances": 120, "declines": 200}),
+        ),
+        (
+            "index",
+            "VN30",
+            json!([{"index_name": "VN30", "timestamp": T0, "value": 1300.0,
+            "change": 1.0, "change_pct": 0.08, "volume": 1, "traded_value": 2.0}]),
+        ),
+        (
+            "deriv",
+            "VN30F2412",
+            json!({"contract": "VN30F2412", "timestamp": T0, "price": 1301.5,
+            "basis": -1.5, "open_interest": 40000, "volume": 1200}),
+        ),
+        (
+            "deriv",
+            "VN30F2501",
+            json!([{"contract": "VN30F2501", "timestamp": T0, "price": 1302.0,
+            "basis": 0.5, "open_interest": 100, "volume": 10}]),
+        ),
+    ];
+    for (record_type, symbol, payload) in messages {
+        app.publish(app.subject(record_type, symbol), payload.to_string())
+            .await;
+    }
+    for (table, rows) in [
+        ("tick_data", 3),
+        ("candles_1m", 3),
+        ("foreign_flow", 2),
+        ("index_snapshots", 2),
+        ("derivatives", 2),
+    ] {
+        app.wait_for_rows(table, rows).await;
+    }
+
+    let tick = sqlx::query(
+        "SELECT symbol, price, volume, side, seq, \"timestamp\" = '2026-11-26 02:15:03.123456+00' AS ts_ok \
+         FROM tick_data WHERE seq = 1",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        tick.get::<String, _>("symbol"),
+        "FPT",
+        "symbols are trimmed and upper-cased"
+    );
+    assert_eq!(tick.get::<f64, _>("price"), 97.5);
+    assert_eq!(tick.get::<i64, _>("volume"), 100);
+    assert_eq!(tick.get::<String, _>("side"), "sell");
+    assert!(
+        tick.get::<bool, _>("ts_ok"),
+        "RFC 3339 with offset kept to the microsecond"
+    );
+
+    let ms_ts: bool = sqlx::query_scalar(
+        "SELECT \"timestamp\" = to_timestamp(1764123300) FROM tick_data WHERE seq = 2",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(ms_ts, "epoch milliseconds");
+
+    let candle =
+        sqlx::query("SELECT close, value, stream_seq FROM candles_1m WHERE symbol = 'FPT'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(candle.get::<f64, _>("close"), 97.5);
+    assert_eq!(
+        candle.get::<Option<f64>, _>("value"),
+        None,
+        "optional value absent → NULL"
+    );
+    assert!(candle.get::<Option<i64>, _>("stream_seq").is_some());
+
+    let room: Vec<Option<i64>> =
+        sqlx::query_scalar("SELECT room FROM foreign_flow ORDER BY \"timestamp\"")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(room, vec![Some(1000), None]);
+
+    let index = sqlx::query(
+        "SELECT value, change, advances, declines, unchanged FROM index_snapshots WHERE index_name = 'VNINDEX'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(index.get::<f64, _>("change"), -3.25);
+    assert_eq!(index.get::<Option<i64>, _>("advances"), Some(120));
+    assert_eq!(index.get::<Option<i64>, _>("unchanged"), None);
+
+    let deriv =
+        sqlx::query("SELECT basis, open_interest FROM derivatives WHERE contract = 'VN30F2412'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(deriv.get::<f64, _>("basis"), -1.5);
+    assert_eq!(deriv.get::<i64, _>("open_interest"), 40000);
+
+    assert_eq!(
+        app.metric("tickvault_rows_written_total", &[("type", "tick")])
+            .await,
+        3.0
+    );
+    assert_eq!(
+        app.metric("tickvault_messages_received_total", &[("type", "candle")])
+            .await,
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn a_full_batch_flushes_before_the_interval() {
+    let app = spawn_app(|c| {
+        c.ingest.batch_size = 500;
+        c.ingest.flush_interval_ms = 120_000;
+    })
+    .await;
+    for m in 0..5 {
+        let records: Vec<Value> = (0..100)
+            .map(|i| tick("FPT", T0, m * 100 + i, 10.0))
+            .collect();
+        app.publish(
+            app.subject("tick", "FPT"),
+            Value::Array(records).to_string(),
+        )
+        .await;
+    }
+    app.wait_for_rows("tick_data", 500).await;
+    assert_eq!(
+        app.metric(
+            "tickvault_flushes_total",
+            &[("type", "tick"), ("trigger", "size")]
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        app.metric(
+            "tickvault_flushes_total",
+            &[("type", "tick"), ("trigger", "interval")]
+        )
+        .await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn a_few_rows_flush_when_the_interval_ends() {
+    let app = spawn_app(|c| {
+        c.ingest.batch_size = 500;
+        c.ingest.flush_interval_ms = 1000;
+    })
+    .await;
+    let started = Instant::now();
+    for seq in 0..3 {
+        app.publish(
+            app.subject("tick", "VNM"),
+            tick("VNM", T0, seq, 70.0).to_string(),
+        )
+        .await;
+    }
+    app.wait_for_rows("tick_data", 3).await;
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(900),
+        "flushed after {elapsed:?}, before the interval"
+    );
+    assert_eq!(
+        app.metric(
+            "tickvault_flushes_total",
+            &[("type", "tick"), ("trigger", "interval")]
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        app.metric(
+            "tickvault_flushes_total",
+            &[("type", "tick"), ("trigger", "size")]
+        )
+        .await,
+        0.0
+    );
+}
+
+/// (close, stream_seq) of the stored candle, or (NaN, -1) when there is none yet.
+async fn candle_close(pool: &sqlx::PgPool, symbol: &str, ts_ms: i64) -> (f64, i64) {
+    let row = sqlx::query(
+        "SELECT close, stream_seq FROM candles_1m WHERE symbol = $1 AND \"timestamp\" = to_timestamp($2::float8 / 1000)",
+    )
+    .bind(symbol)
+    .bind(ts_ms)
+    .fetch_optional(pool)
+    .await
+    .unwrap();
+    row.map_or((f64::NAN, -1), |row| {
+        (row.get("close"), row.get("stream_seq"))
+    })
+}
+
+#[tokio::test]
+async fn ticks_keep_the_first_and_other_types_keep_the_newest() {
+    let app = spawn_app(|c| c.ingest.flush_interval_ms = 100).await;
+    // Within one message (one batch): a repeated tick key keeps the first,
+    // a repeated candle key keeps the later record.
+    app.publish(
+        app.subject("tick", "FPT"),
+        json!([tick("FPT", T0, 1, 10.0), tick("FPT", T0, 1, 99.0)]).to_string(),
+    )
+    .await;
+    let seq = app
+        .publish(
+            app.subject("candle", "FPT"),
+            json!([candle("FPT", T0, 11.0), candle("FPT", T0, 12.0)]).to_string(),
+        )
+        .await;
+    app.wait_for_rows("tick_data", 1).await;
+    app.wait_for_rows("candles_1m", 1).await;
+    assert_eq!(candle_close(&app.pool, "FPT", T0).await, (12.0, seq as i64));
+
+    // Across batches: the stored tick stays, the newer candle replaces the stored one.
+    app.publish(
+        app.subject("tick", "FPT"),
+        tick("FPT", T0, 1, 55.0).to_string(),
+    )
+    .await;
+    let seq = app
+        .publish(
+            app.subject("candle", "FPT"),
+            candle("FPT", T0, 13.0).to_string(),
+        )
+        .await;
+    wait_for(Duration::from_secs(20), "the newer candle", || async {
+        (candle_close(&app.pool, "FPT", T0).await == (13.0, seq as i64)).then_some(())
+    })
+    .await;
+    wait_for(
+        Duration::from_secs(20),
+        "the repeated tick to be processed",
+        || async {
+            (app.metric("tickvault_rows_written_total", &[("type", "tick")])
+                .await
+                >= 2.0)
+                .then_some(())
+        },
+    )
+    .await;
+    let prices: Vec<f64> = sqlx::query_scalar("SELECT price FROM tick_data")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        prices,
+        vec![10.0],
+        "a trade is immutable: the first version stays"
+    );
+}
+
+#[tokio::test]
+async fn redelivered_messages_never_duplicate_rows_or_restore_old_versions() {
+    let mut first = spawn_app(|c| c.ingest.flush_interval_ms = 100).await;
+    let mut newest = 0;
+    for version in 1..=3 {
+        newest = first
+            .publish(
+                first.subject("candle", "FPT"),
+                candle("FPT", T0, version as f64).to_string(),
+            )
+            .await;
+        let ticks: Vec<Value> = (0..50)
+            .map(|i| tick("FPT", T0, version * 100 + i, 10.0))
+            .collect();
+        first
+            .publish(
+                first.subject("tick", "FPT"),
+                Value::Array(ticks).to_string(),
+            )
+            .await;
+    }
+    first.wait_for_rows("tick_data", 150).await;
+    wait_for(Duration::from_secs(20), "version 3", || async {
+        (candle_close(&first.pool, "FPT", T0).await.0 == 3.0).then_some(())
+    })
+    .await;
+    first.stop().await.unwrap();
+
+    // What a crash between commit and ack leaves: committed rows and messages
+    // JetStream will deliver again. Dropping the consumers redelivers them all.
+    let stream = first
+        .js
+        .get_stream(&first.config.ingest.stream)
+        .await
+        .unwrap();
+    for t in ["tick", "candle"] {
+        stream
+            .delete_consumer(&format!("tickvault-{t}"))
+            .await
+            .unwrap();
+    }
+    // Meanwhile the feed moves on: a newer version and new ticks.
+    let v4 = first
+        .publish(
+            first.subject("candle", "FPT"),
+            candle("FPT", T0, 4.0).to_string(),
+        )
+        .await;
+    assert!(v4 > newest);
+    let ticks: Vec<Value> = (0..50).map(|i| tick("FPT", T0, 400 + i, 10.0)).collect();
+    first
+        .publish(
+            first.subject("tick", "FPT"),
+            Value::Array(ticks).to_string(),
+        )
+        .await;
+
+    let db = first.take_database();
+    let mut second = start(first.config.clone()).await;
+    second.set_database(db);
+    wait_for(
+        Duration::from_secs(30),
+        "every message redelivered and processed",
+        || async {
+            let received = second
+                .metric("tickvault_messages_received_total", &[])
+                .await;
+            (received >= 8.0 && second.metric("tickvault_queue_depth", &[]).await == 0.0)
+                .then_some(())
+        },
+    )
+    .await;
+    second.wait_for_rows("tick_data", 200).await;
+    // The versions came again in order 1, 2, 3, 4: the row must be 4, never regress.
+    assert_eq!(
+        candle_close(&second.pool, "FPT", T0).await,
+        (4.0, v4 as i64)
+    );
+    let duplicates: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM tick_data GROUP BY symbol, \"timestamp\", seq HAVING count(*) > 1) d",
+    )
+    .fetch_one(&second.pool)
+    .await
+    .unwrap();
+    assert_eq!(duplicates, 0);
+    assert_eq!(second.count("candles_1m").await, 1);
+    second.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_older_version_redelivered_after_a_newer_one_is_ignored() {
+    let app = spawn_app(|c| c.ingest.flush_interval_ms = 100).await;
+    let old = app
+        .publish(
+            app.subject("candle", "HPG"),
+            candle("HPG", T0, 1.0).to_string(),
+        )
+        .await;
+    let new = app
+        .publish(
+            app.subject("candle", "HPG"),
+            candle("HPG", T0, 2.0).to_string(),
+        )
+        .await;
+    wait_for(Duration::from_secs(20), "the newest version", || async {
+        (candle_close(&app.pool, "HPG", T0).await == (2.0, new as i64)).then_some(())
+    })
+    .await;
+    // A replica that committed the newer version first, then the older one
+    // arriving late: the stored row keeps the higher sequence.
+    sqlx::query("UPDATE candles_1m SET close = 3.0, stream_seq = $1")
+        .bind(new as i64 + 1000)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let stream = app.js.get_stream(&app.config.ingest.stream).await.unwrap();
+    stream.delete_consumer("tickvault-candle").await.unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        "the old versions to be processed again",
+        || async {
+            (app.metric("tickvault_messages_received_total", &[("type", "candle")])
+                .await
+                >= 4.0
+                && app
+                    .metric("tickvault_queue_depth", &[("type", "candle")])
+                    .await
+                    == 0.0)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        candle_close(&app.pool, "HPG", T0).await,
+        (3.0, new as i64 + 1000)
+    );
+    assert!(old < new);
+}
+
+#[tokio::test]
+async fn a_full_queue_waits_for_the_database_and_loses_nothing() {
+    let mut pg = PgServer::start();
+    let db = TestDatabase::create_on(&pg.admin_url()).await;
+    let mut config = test_config(&db.url, &crate::helpers::shared_nats_url());
+    config.ingest.queue_capacity = 1000;
+    config.ingest.max_records_per_message = 100;
+    config.ingest.batch_size = 100;
+    config.ingest.max_batch_rows = 200;
+    config.ingest.flush_interval_ms = 100;
+    let mut app = start(config).await;
+    app.set_database(Some(db));
+    app.wait_ready().await;
+
+    pg.stop();
+    wait_for(
+        Duration::from_secs(30),
+        "the database to be seen down",
+        || async { (app.health().await["database"] == "down").then_some(()) },
+    )
+    .await;
+    let total = 3000;
+    for m in 0..30 {
+        let records: Vec<Value> = (0..100)
+            .map(|i| tick("FPT", T0, m * 100 + i, 10.0))
+            .collect();
+        app.publish(
+            app.subject("tick", "FPT"),
+            Value::Array(records).to_string(),
+        )
+        .await;
+    }
+    wait_for(
+        Duration::from_secs(30),
+        "the tick queue to fill",
+        || async {
+            let depth = app
+                .metric("tickvault_queue_depth", &[("type", "tick")])
+                .await;
+            (depth >= 900.0).then_some(())
+        },
+    )
+    .await;
+    let depth = app
+        .metric("tickvault_queue_depth", &[("type", "tick")])
+        .await;
+    assert!(
+        depth <= 1000.0,
+        "the queue never holds more than its capacity: {depth}"
+    );
+    assert_eq!(app.health().await["status"], "degraded");
+    assert!(
+        app.metric("tickvault_flush_errors_total", &[("type", "tick")])
+            .await
+            >= 1.0
+    );
+
+    pg.resume();
+    app.wait_for_rows("tick_data", total).await;
+    wait_for(Duration::from_secs(30), "the queue to drain", || async {
+        (app.metric("tickvault_queue_depth", &[("type", "tick")])
+            .await
+            == 0.0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        app.count("tick_data").await,
+        total,
+        "every row exactly once"
+    );
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_flushes_every_waiting_row() {
+    let mut app = spawn_app(|c| {
+        c.ingest.batch_size = 10_000;
+        c.ingest.max_batch_rows = 10_000;
+        c.ingest.flush_interval_ms = 600_000;
+    })
+    .await;
+    for seq in 0..40 {
+        app.publish(
+            app.subject("tick", "FPT"),
+            tick("FPT", T0, seq, 10.0).to_string(),
+        )
+        .await;
+    }
+    let seq = app
+        .publish(
+            app.subject("candle", "FPT"),
+            candle("FPT", T0, 1.0).to_string(),
+        )
+        .await;
+    wait_for(
+        Duration::from_secs(20),
+        "rows waiting in the queues",
+        || async {
+            let depth = app.metric("tickvault_queue_depth", &[]).await;
+            (depth == 41.0).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        app.count("tick_data").await,
+        0,
+        "nothing flushed before shutdown"
+    );
+    app.stop().await.unwrap();
+    assert_eq!(app.count("tick_data").await, 40);
+    assert_eq!(candle_close(&app.pool, "FPT", T0).await, (1.0, seq as i64));
+    let metrics = app.metrics.render();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "tickvault_flushes_total",
+            &[("trigger", "shutdown")]
+        ),
+        2.0
+    );
+    // Acknowledged: nothing is left for the consumer to deliver again.
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = app
+        .js
+        .get_stream(&app.config.ingest.stream)
+        .await
+        .unwrap()
+        .get_consumer("tickvault-tick")
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!((info.num_ack_pending, info.num_pending), (0, 0));
+}
+
+#[tokio::test]
+async fn core_mode_subscribes_in_the_queue_group() {
+    let app = spawn_app(|c| {
+        c.ingest.mode = tickvault::config::IngestMode::Core;
+        c.ingest.flush_interval_ms = 100;
+    })
+    .await;
+    for seq in 0..5 {
+        app.nats
+            .publish(
+                app.subject("tick", "FPT"),
+                tick("FPT", T0, seq, 10.0).to_string().into(),
+            )
+            .await
+            .unwrap();
+    }
+    app.nats
+        .publish(
+            app.subject("candle", "FPT"),
+            candle("FPT", T0, 1.0).to_string().into(),
+        )
+        .await
+        .unwrap();
+    app.nats
+        .publish(
+            app.subject("candle", "FPT"),
+            candle("FPT", T0, 2.0).to_string().into(),
+        )
+        .await
+        .unwrap();
+    app.wait_for_rows("tick_data", 5).await;
+    wait_for(
+        Duration::from_secs(20),
+        "the last candle version",
+        || async {
+            let close: Option<f64> = sqlx::query_scalar("SELECT close FROM candles_1m")
+                .fetch_optional(&app.pool)
+                .await
+                .ok()
+                .flatten();
+            (close == Some(2.0)).then_some(())
+        },
+    )
+    .await;
+    let stream_seq: Option<i64> = sqlx::query_scalar("SELECT stream_seq FROM candles_1m")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(stream_seq, None, "core mode has no stream sequence");
+}
+
+#[tokio::test]
+async fn replicas_share_the_durable_consumers() {
+    let first = spawn_app(|c| c.ingest.flush_interval_ms = 100).await;
+    let second = start(first.config.clone()).await;
+    second.wait_ready().await;
+    let messages = 400;
+    for seq in 0..messages {
+        first
+            .publish(
+                first.subject("tick", "SSI"),
+                tick("SSI", T0, seq, 20.0).to_string(),
+            )
+            .await;
+    }
+    first.wait_for_rows("tick_data", messages).await;
+    let a = first
+        .metric("tickvault_messages_received_total", &[("type", "tick")])
+        .await;
+    let b = second
+        .metric("tickvault_messages_received_total", &[("type", "tick")])
+        .await;
+    assert!(
+        a >= 1.0 && b >= 1.0,
+        "both replicas took messages: {a} + {b}"
+    );
+    assert!(a + b >= messages as f64);
+    assert_eq!(
+        first.count("tick_data").await,
+        messages,
+        "no duplicate rows"
+    );
+}
