@@ -73,7 +73,11 @@ impl Cursor {
         if wire.v != VERSION {
             return Err(CursorError("was issued by another version of the service"));
         }
+        // Years 1 to 9999: room for a bucket width either side, and what PostgreSQL stores.
+        const MIN_MICROS: i64 = -62_135_596_800_000_000;
+        const MAX_MICROS: i64 = 253_402_300_799_999_999;
         let timestamp = DateTime::from_timestamp_micros(wire.t)
+            .filter(|_| (MIN_MICROS..=MAX_MICROS).contains(&wire.t))
             .ok_or(CursorError("holds an invalid timestamp"))?;
         Ok(Cursor {
             kind: wire.k,
@@ -103,7 +107,9 @@ mod tests {
 
     #[test]
     fn a_cursor_round_trips() {
-        for cursor in [sample(Some(42)), sample(None), sample(Some(0))] {
+        let mut last_second = sample(None);
+        last_second.timestamp = DateTime::from_timestamp_micros(253_402_300_799_999_999).unwrap();
+        for cursor in [sample(Some(42)), sample(None), sample(Some(0)), last_second] {
             let text = cursor.encode();
             assert!(text.len() < 200, "{text}");
             assert!(text
@@ -124,7 +130,12 @@ mod tests {
             r#"{{"v":1,"k":"ticks","s":"FPT","o":"asc","i":"1m","t":{}}}"#,
             i64::MAX
         ));
+        let far_future = URL_SAFE_NO_PAD.encode(format!(
+            r#"{{"v":1,"k":"candles","s":"FPT","o":"asc","i":"1d","t":{}}}"#,
+            253_402_300_800_000_000i64
+        ));
         for bad in [
+            &far_future,
             "",
             "!!!",
             "eyJ2Ijox",

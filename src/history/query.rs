@@ -95,8 +95,11 @@ pub fn build(query: &Query, fetch: i64) -> Result<(String, PgArguments), sqlx::E
                 let p = param();
                 match query.order {
                     Order::Asc => {
-                        let next =
-                            cursor.timestamp + chrono::Duration::seconds(query.interval.seconds());
+                        // Cursor timestamps are years 1-9999, so this never saturates in practice.
+                        let next = cursor
+                            .timestamp
+                            .checked_add_signed(chrono::Duration::seconds(query.interval.seconds()))
+                            .unwrap_or(DateTime::<Utc>::MAX_UTC);
                         args.add(next).map_err(sqlx::Error::Encode)?;
                         format!(" AND \"timestamp\" >= {p}")
                     }
