@@ -1,10 +1,666 @@
-//! PLACEHOLDER (being written): the ingest benchmark.
-use crate::config::Config;
-#[derive(Debug, clap::Args)]
-pub struct BenchArgs {}
+//! `tickvault bench`: ingest throughput, measured against a baseline taken
+//! on the same machine at the same time (the machine is noisy, a ratio is not).
+//!
+//! 1. A fresh database on the configured server, a unique stream and prefix.
+//! 2. The stream is pre-filled with `--messages` messages of
+//!    `--records-per-message` records each, every record with its own key.
+//! 3. Each run, in alternating order:
+//!    - baseline: one plain `COPY` of the same rows into a scratch copy of the
+//!      table (same columns and indexes) — the floor the worker can at best reach;
+//!    - worker: [`App::build`] + [`App::run_until_stopped`] in this process,
+//!      consuming the pre-filled stream from its start, timed until every row
+//!      is committed; then `SELECT count(*)` must equal the rows exactly.
+//! 4. Medians of rows/s and of the worker/baseline ratio, the peak RSS and the
+//!    worker's flush durations. The database and streams are removed at the end.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use serde_json::{json, Value as Json};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgPool};
+use tokio::time::Instant;
+
+use crate::app::App;
+use crate::config::{Config, IngestMode};
+use crate::db::Database;
+use crate::ingest::source;
+use crate::records::{RecordSpec, RecordType};
+use crate::secret::SecretUrl;
+
+/// Options of `tickvault bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Messages pre-filled into the stream.
+    #[arg(long, default_value_t = 100_000)]
+    pub messages: u64,
+    /// Records in each message (1 = a single object, more = a JSON array).
+    #[arg(long, default_value_t = 1)]
+    pub records_per_message: usize,
+    /// Runs of baseline + worker; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Record type to bench: tick, candle, foreign, index or deriv.
+    #[arg(long = "type", default_value = "tick", value_parser = parse_type)]
+    pub record_type: RecordType,
+    /// Give up on a worker run after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout_secs: u64,
+}
+
+fn parse_type(name: &str) -> Result<RecordType, String> {
+    RecordType::from_name(name)
+        .ok_or_else(|| format!("{name:?} is not one of tick, candle, foreign, index, deriv"))
+}
+
 #[derive(Debug, thiserror::Error)]
-#[error("bench")]
-pub struct BenchError;
-pub async fn run(_config: &Config, _args: BenchArgs) -> Result<(), BenchError> {
+pub enum BenchError {
+    #[error("--{arg}: {message}")]
+    InvalidArgument { arg: &'static str, message: String },
+    #[error("database: {context}: {source}")]
+    Database {
+        context: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("database: {0}")]
+    Migrate(#[from] crate::db::DbError),
+    #[error("NATS: {context}: {message}")]
+    Nats { context: String, message: String },
+    #[error("the worker could not start: {0}")]
+    Build(#[from] crate::app::BuildError),
+    #[error("the worker failed: {0}")]
+    Run(#[from] crate::app::RunError),
+    #[error("the worker wrote {actual} rows to {table} within {timeout:?}, expected {expected}")]
+    Timeout {
+        table: &'static str,
+        expected: u64,
+        actual: i64,
+        timeout: Duration,
+    },
+    #[error("{table} holds {actual} rows after the run, expected exactly {expected}")]
+    WrongCount {
+        table: &'static str,
+        expected: u64,
+        actual: i64,
+    },
+}
+
+fn db_error(context: impl Into<String>) -> impl FnOnce(sqlx::Error) -> BenchError {
+    let context = context.into();
+    move |source| BenchError::Database { context, source }
+}
+
+fn nats_error<E: std::fmt::Display>(context: impl Into<String>) -> impl FnOnce(E) -> BenchError {
+    let context = context.into();
+    move |e| BenchError::Nats {
+        context,
+        message: e.to_string(),
+    }
+}
+
+/// One record of `record_type` with a key of its own: record `i` of the bench.
+pub fn bench_record(record_type: RecordType, i: u64) -> Json {
+    const SYMBOLS: [&str; 10] = [
+        "FPT", "VNM", "HPG", "VCB", "MWG", "TCB", "VIC", "VHM", "ACB", "MBB",
+    ];
+    const INDEX_NAMES: [&str; 3] = ["VNINDEX", "VN30", "HNXINDEX"];
+    const CONTRACTS: [&str; 2] = ["VN30F2612", "VN30F2701"];
+    // 2026-11-26 09:00:00 +07:00; one millisecond apart per record.
+    let base_ms: i64 = 1_764_122_400_000;
+    let ts = base_ms + i as i64;
+    let symbol = SYMBOLS[(i % SYMBOLS.len() as u64) as usize];
+    let x = (i % 1000) as f64 / 100.0;
+    match record_type {
+        RecordType::Tick => json!({
+            "symbol": symbol, "timestamp": ts, "price": 50.0 + x,
+            "volume": 100 * (1 + i % 50), "side": if i.is_multiple_of(2) { "buy" } else { "sell" },
+            "seq": i,
+        }),
+        RecordType::Candle => json!({
+            "symbol": symbol, "timestamp": ts, "open": 50.0 + x, "high": 52.0 + x,
+            "low": 49.0 + x, "close": 51.0 + x, "volume": 1000 + i % 977, "value": 5.1e7,
+        }),
+        RecordType::Foreign => json!({
+            "symbol": symbol, "timestamp": ts, "buy_volume": i, "sell_volume": i / 2,
+            "buy_value": i as f64 * 5e4, "sell_value": i as f64 * 2.5e4, "room": 1_000_000,
+        }),
+        RecordType::Index => json!({
+            "index_name": INDEX_NAMES[(i % 3) as usize],
+            "timestamp": ts, "value": 1250.0 + x, "change": x - 5.0, "change_pct": x / 12.5,
+            "volume": i, "traded_value": i as f64 * 1e6, "advances": 12, "declines": 15,
+            "unchanged": 3,
+        }),
+        RecordType::Deriv => json!({
+            "contract": CONTRACTS[(i % 2) as usize], "timestamp": ts,
+            "price": 1320.0 + x, "basis": x - 5.0, "open_interest": 40_000 + i % 100,
+            "volume": i,
+        }),
+    }
+}
+
+/// Message `m`'s payload: a single object, or an array of `per_message` records.
+pub fn bench_payload(record_type: RecordType, m: u64, per_message: usize) -> Json {
+    if per_message == 1 {
+        return bench_record(record_type, m);
+    }
+    let first = m * per_message as u64;
+    Json::Array(
+        (first..first + per_message as u64)
+            .map(|i| bench_record(record_type, i))
+            .collect(),
+    )
+}
+
+/// One run's result.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    baseline_rows_per_s: f64,
+    worker_rows_per_s: f64,
+}
+
+impl Run {
+    fn ratio(&self) -> f64 {
+        self.worker_rows_per_s / self.baseline_rows_per_s
+    }
+}
+
+/// Everything the bench created, removed by [`Scratch::remove`].
+struct Scratch {
+    admin: PgPool,
+    database: String,
+    url: String,
+    js: jetstream::Context,
+    stream: String,
+    prefix: String,
+}
+
+impl Scratch {
+    async fn remove(self) {
+        for stream in [self.stream.clone(), format!("{}_DLQ", self.stream)] {
+            if let Err(e) = self.js.delete_stream(&stream).await {
+                tracing::warn!(stream, error = %e, "could not delete the bench stream");
+            }
+        }
+        let drop = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database);
+        if let Err(e) = sqlx::query(&drop).execute(&self.admin).await {
+            tracing::warn!(database = %self.database, error = %e, "could not drop the bench database");
+        }
+        self.admin.close().await;
+    }
+}
+
+pub async fn run(config: &Config, args: BenchArgs) -> Result<(), BenchError> {
+    validate(config, &args)?;
+    let id = format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(config.database.url.expose())
+        .await
+        .map_err(db_error(format!("connect to {}", config.database.url)))?;
+    let database = format!("tickvault_bench_{id}");
+    sqlx::query(&format!("CREATE DATABASE {database}"))
+        .execute(&admin)
+        .await
+        .map_err(db_error("create the bench database"))?;
+    let mut url = config
+        .database
+        .url
+        .parse()
+        .map_err(|e| BenchError::InvalidArgument {
+            arg: "config",
+            message: format!("database.url: {e}"),
+        })?;
+    url.set_path(&database);
+    let nats = async_nats::ConnectOptions::new()
+        .name("tickvault-bench")
+        .connect(config.nats.url.expose())
+        .await
+        .map_err(nats_error(format!("connect to {}", config.nats.url)))?;
+    let scratch = Scratch {
+        admin,
+        database,
+        url: url.to_string(),
+        js: jetstream::new(nats.clone()),
+        stream: format!("TVBENCH_{id}"),
+        prefix: format!("mdbench{id}"),
+    };
+    let result = bench(config, &args, &scratch).await;
+    scratch.remove().await;
+    result
+}
+
+fn validate(config: &Config, args: &BenchArgs) -> Result<(), BenchError> {
+    let invalid = |arg, message: String| Err(BenchError::InvalidArgument { arg, message });
+    if args.messages == 0 {
+        return invalid("messages", "must be at least 1".into());
+    }
+    let max = config.ingest.max_records_per_message;
+    if args.records_per_message == 0 || args.records_per_message > max {
+        return invalid(
+            "records-per-message",
+            format!("must be between 1 and ingest.max_records_per_message ({max})"),
+        );
+    }
+    if args.runs == 0 {
+        return invalid("runs", "must be at least 1".into());
+    }
     Ok(())
+}
+
+async fn bench(config: &Config, args: &BenchArgs, scratch: &Scratch) -> Result<(), BenchError> {
+    let spec = args.record_type.spec();
+    let rows = args.messages * args.records_per_message as u64;
+
+    // The worker's configuration: the bench's database, stream and prefixes.
+    let mut worker = config.clone();
+    worker.database.url = SecretUrl::new(scratch.url.clone());
+    worker.ingest.mode = IngestMode::Jetstream;
+    worker.ingest.stream = scratch.stream.clone();
+    worker.ingest.subject_prefix = scratch.prefix.clone();
+    worker.history.subject_prefix = format!("{}history", scratch.prefix);
+    worker.http.addr = "127.0.0.1:0".parse().expect("a valid socket address");
+
+    let db = Database::connect_lazy(&worker.database)?;
+    db.migrate().await?;
+    let baseline_table = format!("bench_baseline_{}", spec.table);
+    sqlx::query(&format!(
+        "CREATE TABLE {baseline_table} (LIKE {} INCLUDING ALL)",
+        spec.table
+    ))
+    .execute(&db.pool)
+    .await
+    .map_err(db_error("create the baseline table"))?;
+
+    let prefill_started = Instant::now();
+    prefill(&worker, args, scratch).await?;
+    let copy_data = copy_text(spec, args)?;
+    tracing::info!(
+        messages = args.messages,
+        rows,
+        elapsed_s = format!("{:.1}", prefill_started.elapsed().as_secs_f64()),
+        stream = %scratch.stream,
+        "stream pre-filled"
+    );
+
+    let mut runs = Vec::with_capacity(args.runs);
+    let mut flushes = Vec::new();
+    for n in 0..args.runs {
+        let (baseline, worker_run) = if n.is_multiple_of(2) {
+            let b = baseline(&db.pool, spec, &baseline_table, &copy_data, rows).await?;
+            let w = run_worker(&worker, args, &db.pool, scratch, rows).await?;
+            (b, w)
+        } else {
+            let w = run_worker(&worker, args, &db.pool, scratch, rows).await?;
+            let b = baseline(&db.pool, spec, &baseline_table, &copy_data, rows).await?;
+            (b, w)
+        };
+        let (worker_rate, exposition) = worker_run;
+        flushes.push(flush_quantiles(&exposition, args.record_type));
+        let run = Run {
+            baseline_rows_per_s: baseline,
+            worker_rows_per_s: worker_rate,
+        };
+        println!(
+            "run {}/{}: baseline COPY {:>10.0} rows/s   worker {:>10.0} rows/s   ratio {:.3}",
+            n + 1,
+            args.runs,
+            run.baseline_rows_per_s,
+            run.worker_rows_per_s,
+            run.ratio()
+        );
+        runs.push(run);
+    }
+    db.pool.close().await;
+
+    let median_of = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(f).collect());
+    println!(
+        "tickvault bench: type={} messages={} records/message={} rows={} runs={}",
+        args.record_type.name(),
+        args.messages,
+        args.records_per_message,
+        rows,
+        args.runs
+    );
+    println!(
+        "  median baseline COPY : {:>10.0} rows/s",
+        median_of(&|r| r.baseline_rows_per_s)
+    );
+    println!(
+        "  median worker        : {:>10.0} rows/s",
+        median_of(&|r| r.worker_rows_per_s)
+    );
+    println!(
+        "  median ratio worker/baseline: {:.3}",
+        median_of(&|r| r.ratio())
+    );
+    if let Some(Some((count, p50, p99))) = flushes.last() {
+        println!(
+            "  flushes (last run): {count}, duration p50 {:.1} ms, p99 {:.1} ms (histogram estimate)",
+            p50 * 1e3,
+            p99 * 1e3
+        );
+    }
+    match peak_rss_kib() {
+        Some(kib) => println!(
+            "  peak RSS of this process: {:.1} MiB (includes the bench's own copy of the rows)",
+            kib as f64 / 1024.0
+        ),
+        None => println!("  peak RSS: unavailable (no /proc/self/status)"),
+    }
+    Ok(())
+}
+
+/// Publishes every message through JetStream, a window of acks at a time,
+/// then checks the stream holds them all.
+async fn prefill(worker: &Config, args: &BenchArgs, scratch: &Scratch) -> Result<(), BenchError> {
+    source::ensure_streams(&scratch.js, &worker.ingest)
+        .await
+        .map_err(nats_error("create the bench stream"))?;
+    let subject_prefix = format!("{}.{}", scratch.prefix, args.record_type.name());
+    let mut pending = std::collections::VecDeque::new();
+    for m in 0..args.messages {
+        let payload = bench_payload(args.record_type, m, args.records_per_message);
+        let key = payload
+            .get(0)
+            .unwrap_or(&payload)
+            .get(args.record_type.spec().id_field())
+            .and_then(Json::as_str)
+            .unwrap_or("X")
+            .to_string();
+        let ack = scratch
+            .js
+            .publish(
+                format!("{subject_prefix}.{key}"),
+                payload.to_string().into(),
+            )
+            .await
+            .map_err(nats_error("pre-fill publish"))?;
+        pending.push_back(ack);
+        if pending.len() >= 1024 {
+            if let Some(ack) = pending.pop_front() {
+                ack.await.map_err(nats_error("pre-fill ack"))?;
+            }
+        }
+    }
+    for ack in pending {
+        ack.await.map_err(nats_error("pre-fill ack"))?;
+    }
+    let mut stream = scratch
+        .js
+        .get_stream(&scratch.stream)
+        .await
+        .map_err(nats_error("read the bench stream"))?;
+    let held = stream
+        .info()
+        .await
+        .map_err(nats_error("read the bench stream"))?
+        .state
+        .messages;
+    if held != args.messages {
+        return Err(BenchError::Nats {
+            context: "pre-fill".into(),
+            message: format!(
+                "stream {} holds {held} messages, expected {}",
+                scratch.stream, args.messages
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The rows as COPY text, parsed and encoded the way the worker does.
+fn copy_text(spec: &RecordSpec, args: &BenchArgs) -> Result<String, BenchError> {
+    let rows = args.messages * args.records_per_message as u64;
+    let mut data = String::with_capacity(rows as usize * 80);
+    for i in 0..rows {
+        let record = bench_record(spec.record_type, i);
+        let values = spec
+            .parse_record(&record)
+            .map_err(|r| BenchError::InvalidArgument {
+                arg: "type",
+                message: format!("generated record rejected: {}", r.detail),
+            })?;
+        for (n, value) in values.iter().enumerate() {
+            if n > 0 {
+                data.push('\t');
+            }
+            value.write_copy_text(&mut data);
+        }
+        data.push('\n');
+    }
+    Ok(data)
+}
+
+/// One `COPY` of every row into the empty scratch table, in one transaction.
+async fn baseline(
+    pool: &PgPool,
+    spec: &RecordSpec,
+    table: &str,
+    data: &str,
+    rows: u64,
+) -> Result<f64, BenchError> {
+    let mut conn = pool.acquire().await.map_err(db_error("baseline connect"))?;
+    sqlx::query(&format!("TRUNCATE {table}"))
+        .execute(&mut *conn)
+        .await
+        .map_err(db_error("truncate the baseline table"))?;
+    let columns = spec
+        .column_names()
+        .map(|c| format!("\"{c}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let started = Instant::now();
+    let mut tx = conn.begin().await.map_err(db_error("baseline begin"))?;
+    let mut copy = tx
+        .copy_in_raw(&format!("COPY {table} ({columns}) FROM STDIN"))
+        .await
+        .map_err(db_error("baseline COPY"))?;
+    for chunk in data.as_bytes().chunks(1 << 20) {
+        if let Err(e) = copy.send(chunk).await {
+            let _ = copy.abort("tickvault bench: send failed").await;
+            return Err(db_error("baseline COPY")(e));
+        }
+    }
+    copy.finish().await.map_err(db_error("baseline COPY"))?;
+    tx.commit().await.map_err(db_error("baseline commit"))?;
+    let elapsed = started.elapsed();
+    let count: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db_error("baseline count"))?;
+    if count != rows as i64 {
+        return Err(BenchError::WrongCount {
+            table: "baseline",
+            expected: rows,
+            actual: count,
+        });
+    }
+    Ok(rows as f64 / elapsed.as_secs_f64())
+}
+
+/// Starts the worker on the pre-filled stream with fresh consumers and an
+/// empty table; returns rows/s and the worker's final metrics.
+async fn run_worker(
+    config: &Config,
+    args: &BenchArgs,
+    pool: &PgPool,
+    scratch: &Scratch,
+    rows: u64,
+) -> Result<(f64, String), BenchError> {
+    let spec = args.record_type.spec();
+    // Fresh consumers start from the first message kept in the stream.
+    for t in RecordType::ALL {
+        let _ = scratch
+            .js
+            .delete_consumer_from_stream(source::durable_name(t), &scratch.stream)
+            .await;
+    }
+    sqlx::query(&format!("TRUNCATE {}", spec.table))
+        .execute(pool)
+        .await
+        .map_err(db_error("truncate the table"))?;
+
+    let started = Instant::now();
+    let app = App::build(config.clone()).await?;
+    let metrics = app.metrics();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut handle = tokio::spawn(app.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let mut finished = None;
+    while started.elapsed() < timeout {
+        if metrics.rows_written(args.record_type) >= rows {
+            finished = Some(started.elapsed());
+            break;
+        }
+        if handle.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let count = count_rows(pool, spec.table).await?;
+    let _ = stop.send(());
+    let exposition = metrics.render();
+    match tokio::time::timeout(Duration::from_secs(40), &mut handle).await {
+        Ok(Ok(result)) => result?,
+        Ok(Err(e)) => tracing::error!(error = %e, "the worker task failed"),
+        Err(_) => {
+            handle.abort();
+            tracing::error!("the worker did not stop within 40 s");
+        }
+    }
+    let Some(elapsed) = finished else {
+        return Err(BenchError::Timeout {
+            table: spec.table,
+            expected: rows,
+            actual: count,
+            timeout,
+        });
+    };
+    // Exact: a missing row or a duplicate fails the bench.
+    if count != rows as i64 {
+        return Err(BenchError::WrongCount {
+            table: spec.table,
+            expected: rows,
+            actual: count,
+        });
+    }
+    Ok((rows as f64 / elapsed.as_secs_f64(), exposition))
+}
+
+async fn count_rows(pool: &PgPool, table: &'static str) -> Result<i64, BenchError> {
+    sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+        .fetch_one(pool)
+        .await
+        .map_err(db_error(format!("count {table}")))
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    let n = values.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => values[n / 2],
+        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// Peak resident set size (`VmHWM`) in KiB.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// (flushes, p50, p99) of `tickvault_flush_duration_seconds{type}`, estimated
+/// from the histogram buckets as Prometheus' `histogram_quantile` does.
+fn flush_quantiles(exposition: &str, record_type: RecordType) -> Option<(u64, f64, f64)> {
+    let label = format!("type=\"{}\"", record_type.name());
+    let mut buckets: Vec<(f64, f64)> = exposition
+        .lines()
+        .filter(|l| l.starts_with("tickvault_flush_duration_seconds_bucket{") && l.contains(&label))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let count = l.rsplit_once(' ')?.1.parse().ok()?;
+            Some((bound, count))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let quantile = |q: f64| {
+        let rank = q * total;
+        let mut previous = (0.0, 0.0);
+        for &(bound, count) in &buckets {
+            if count >= rank {
+                if bound.is_infinite() {
+                    return previous.0;
+                }
+                let width = count - previous.1;
+                let fraction = if width > 0.0 {
+                    (rank - previous.1) / width
+                } else {
+                    1.0
+                };
+                return previous.0 + (bound - previous.0) * fraction;
+            }
+            previous = (bound, count);
+        }
+        previous.0
+    };
+    Some((total as u64, quantile(0.5), quantile(0.99)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn bench_records_pass_their_spec_with_unique_keys() {
+        for t in RecordType::ALL {
+            let spec = t.spec();
+            let positions = spec.key_positions();
+            let mut keys = HashSet::new();
+            for m in 0..200 {
+                let payload = bench_payload(t, m, 3);
+                for record in payload.as_array().unwrap() {
+                    let row = spec.parse_record(record).unwrap();
+                    let key: Vec<String> =
+                        positions.iter().map(|&p| format!("{:?}", row[p])).collect();
+                    assert!(keys.insert(key), "{t:?}: duplicate key in {record}");
+                }
+            }
+        }
+        assert!(bench_payload(RecordType::Tick, 0, 1).is_object());
+    }
+
+    #[test]
+    fn quantiles_follow_the_buckets() {
+        let text = "\
+tickvault_flush_duration_seconds_bucket{type=\"tick\",le=\"0.01\"} 50
+tickvault_flush_duration_seconds_bucket{type=\"tick\",le=\"0.1\"} 100
+tickvault_flush_duration_seconds_bucket{type=\"tick\",le=\"+Inf\"} 100
+tickvault_flush_duration_seconds_bucket{type=\"candle\",le=\"+Inf\"} 0
+";
+        let (count, p50, p99) = flush_quantiles(text, RecordType::Tick).unwrap();
+        assert_eq!(count, 100);
+        assert!((p50 - 0.01).abs() < 1e-9, "{p50}");
+        assert!((p99 - 0.0982).abs() < 1e-6, "{p99}");
+        assert!(flush_quantiles(text, RecordType::Candle).is_none());
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
 }
