@@ -1,1 +1,79 @@
-//! (being written)
+//! The command line's configuration: `tickvault config` never prints a
+//! secret; an invalid setting stops start-up naming its key.
+
+use std::process::Command;
+
+fn tickvault(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    Command::new(env!("CARGO_BIN_EXE_tickvault"))
+        .args(args)
+        .current_dir(dir.path())
+        .env_remove("DATABASE_URL")
+        .env_remove("NATS_URL")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn config_prints_the_effective_configuration_without_secrets() {
+    let output = tickvault(
+        &["config"],
+        &[
+            (
+                "DATABASE_URL",
+                "postgres://app:hunter2@db.internal:5432/market",
+            ),
+            ("NATS_URL", "nats://feeder:n4ts-pass@127.0.0.1:4222"),
+            ("TICKVAULT_INGEST__BATCH_SIZE", "250"),
+        ],
+    );
+    assert!(output.status.success());
+    let printed = String::from_utf8(output.stdout).unwrap();
+    let parsed: toml::Value = toml::from_str(&printed).expect("the output is TOML");
+    assert_eq!(parsed["ingest"]["batch_size"].as_integer(), Some(250));
+    assert_eq!(
+        parsed["database"]["url"].as_str(),
+        Some("postgres://app:***@db.internal:5432/market")
+    );
+    for secret in ["hunter2", "n4ts-pass"] {
+        assert!(!printed.contains(secret), "{printed}");
+        assert!(!String::from_utf8_lossy(&output.stderr).contains(secret));
+    }
+}
+
+#[test]
+fn an_invalid_setting_stops_start_up_naming_the_key() {
+    for (name, value, key) in [
+        ("DB_POOL_MIN", "50", "database.pool_min"),
+        ("TICKVAULT_INGEST__BATCH_SIZE", "0", "ingest.batch_size"),
+        ("DATABASE_URL", "not a url", "database.url"),
+        ("TICKVAULT_LOG__FORMAT", "xml", "log.format"),
+    ] {
+        let output = tickvault(&["run"], &[(name, value)]);
+        assert!(
+            !output.status.success(),
+            "{name}={value} must stop start-up"
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(key), "{name}={value}: {stderr}");
+    }
+}
+
+#[test]
+fn a_missing_config_file_is_an_error_that_names_it() {
+    let output = tickvault(&["--config", "/nonexistent/tickvault.toml", "config"], &[]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/tickvault.toml"));
+}
+
+#[test]
+fn every_subcommand_has_help() {
+    for command in [
+        "run", "migrate", "config", "history", "feed", "bench", "health",
+    ] {
+        let output = tickvault(&[command, "--help"], &[]);
+        assert!(output.status.success(), "{command} --help");
+        assert!(!output.stdout.is_empty());
+    }
+}

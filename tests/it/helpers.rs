@@ -141,8 +141,13 @@ pub struct TestApp {
 
 /// Starts the real application on the shared services; `customize` edits its config.
 pub async fn spawn_app(customize: impl FnOnce(&mut Config)) -> TestApp {
+    spawn_app_on(&shared_nats_url(), customize).await
+}
+
+/// Like [`spawn_app`], on the NATS server at `nats_url`.
+pub async fn spawn_app_on(nats_url: &str, customize: impl FnOnce(&mut Config)) -> TestApp {
     let db = TestDatabase::create().await;
-    let mut config = test_config(&db.url, &shared_nats_url());
+    let mut config = test_config(&db.url, nats_url);
     customize(&mut config);
     let mut app = start(config).await;
     app.db = Some(db);

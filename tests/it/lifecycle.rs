@@ -1,1 +1,320 @@
-//! (being written)
+//! Lifecycle: start degraded without the database or NATS and recover
+//! without a restart; SIGTERM drains and exits 0; a killed worker loses
+//! nothing on restart.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+use crate::helpers::{
+    free_port, shared_nats_url, start, test_config, wait_for, NatsServer, PgServer, TestDatabase,
+};
+use crate::ingest::{candle, tick};
+
+const T0: i64 = 1_764_123_300_000;
+
+#[tokio::test]
+async fn starts_degraded_without_the_database_and_recovers_by_itself() {
+    let mut pg = PgServer::start();
+    let db = TestDatabase::create_on(&pg.admin_url()).await;
+    pg.stop();
+    let mut app = start(test_config(&db.url, &shared_nats_url())).await;
+    app.set_database(Some(db));
+    wait_for(
+        Duration::from_secs(20),
+        "the database reported down",
+        || async {
+            let health = app.health().await;
+            (health["database"] == "down" && health["nats"] == "connected").then_some(health)
+        },
+    )
+    .await;
+    let health = app.health().await;
+    assert_eq!(health["status"], "degraded");
+    assert_eq!(health["queues"]["tick"], 0);
+    assert_eq!(app.ready_status().await, 503);
+    // The health check tells a refused connection apart from other failures.
+    wait_for(
+        Duration::from_secs(30),
+        "a refused health check to be counted",
+        || async {
+            let refused = app
+                .metric(
+                    "tickvault_db_health_check_failures_total",
+                    &[("kind", "connection_refused")],
+                )
+                .await;
+            (refused >= 1.0).then_some(())
+        },
+    )
+    .await;
+
+    pg.resume();
+    app.wait_ready().await;
+    assert_eq!(app.health().await["status"], "ok");
+    assert_eq!(app.metric("tickvault_db_up", &[]).await, 1.0);
+    // Migrated on recovery: the tables exist.
+    assert_eq!(app.count("tick_data").await, 0);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn starts_degraded_without_nats_and_recovers_by_itself() {
+    let mut nats = NatsServer::start();
+    nats.stop();
+    let db = TestDatabase::create().await;
+    let mut app = start(test_config(&db.url, &nats.url())).await;
+    app.set_database(Some(db));
+    wait_for(Duration::from_secs(20), "the database up", || async {
+        (app.health().await["database"] == "up").then_some(())
+    })
+    .await;
+    let health = app.health().await;
+    assert_eq!(
+        (health["status"].as_str(), health["nats"].as_str()),
+        (Some("degraded"), Some("disconnected"))
+    );
+    assert_eq!(app.ready_status().await, 503);
+
+    nats.resume();
+    app.wait_ready().await;
+    assert_eq!(app.health().await["nats"], "connected");
+    // The consumers are in place: a message flows end to end.
+    app.publish(
+        app.subject("tick", "FPT"),
+        tick("FPT", T0, 1, 10.0).to_string(),
+    )
+    .await;
+    app.wait_for_rows("tick_data", 1).await;
+    app.stop().await.unwrap();
+}
+
+/// The `tickvault` binary as a child process, configured through the environment.
+struct Worker {
+    child: Child,
+    http_port: u16,
+}
+
+fn worker_env(
+    db: &TestDatabase,
+    stream: &str,
+    prefix: &str,
+    http_port: u16,
+) -> Vec<(String, String)> {
+    vec![
+        ("DATABASE_URL".into(), db.url.clone()),
+        ("NATS_URL".into(), shared_nats_url()),
+        ("TICKVAULT_INGEST__STREAM".into(), stream.into()),
+        ("TICKVAULT_INGEST__SUBJECT_PREFIX".into(), prefix.into()),
+        (
+            "TICKVAULT_HISTORY__SUBJECT_PREFIX".into(),
+            format!("{prefix}history"),
+        ),
+        (
+            "TICKVAULT_HTTP__ADDR".into(),
+            format!("127.0.0.1:{http_port}"),
+        ),
+        ("TICKVAULT_LOG__FORMAT".into(), "json".into()),
+    ]
+}
+
+impl Worker {
+    fn spawn(env: &[(String, String)], extra: &[(&str, &str)]) -> Worker {
+        let http_port = env
+            .iter()
+            .find(|(k, _)| k == "TICKVAULT_HTTP__ADDR")
+            .and_then(|(_, v)| v.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tickvault"))
+            .arg("run")
+            .envs(env.iter().cloned())
+            .envs(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the tickvault binary starts");
+        Worker { child, http_port }
+    }
+
+    async fn get(&self, path: &str) -> Option<(u16, String)> {
+        let response = reqwest::get(format!("http://127.0.0.1:{}{path}", self.http_port))
+            .await
+            .ok()?;
+        Some((response.status().as_u16(), response.text().await.ok()?))
+    }
+
+    async fn wait_ready(&self) {
+        wait_for(Duration::from_secs(30), "the worker /ready", || async {
+            (self.get("/ready").await?.0 == 200).then_some(())
+        })
+        .await
+    }
+
+    async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let body = self
+            .get("/metrics")
+            .await
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        crate::helpers::metric_value(&body, name, labels)
+    }
+
+    fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
+    }
+
+    /// Waits for the exit, within `bound`.
+    async fn wait_exit(&mut self, bound: Duration) -> std::process::ExitStatus {
+        wait_for(bound, "the worker to exit", || {
+            let status = self.child.try_wait().unwrap();
+            async move { status }
+        })
+        .await
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn publish(js: &async_nats::jetstream::Context, subject: String, payload: String) -> u64 {
+    js.publish(subject, payload.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence
+}
+
+async fn count(pool: &sqlx::PgPool, table: &str) -> i64 {
+    sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+        .fetch_one(pool)
+        .await
+        .unwrap_or(-1)
+}
+
+async fn delete_streams(js: &async_nats::jetstream::Context, stream: &str) {
+    let _ = js.delete_stream(stream).await;
+    let _ = js.delete_stream(format!("{stream}_DLQ")).await;
+}
+
+#[tokio::test]
+async fn sigterm_flushes_every_queue_and_exits_zero() {
+    let db = TestDatabase::create().await;
+    let id = crate::helpers::unique();
+    let (stream, prefix) = (format!("TV_{id}"), format!("md{id}"));
+    let env = worker_env(&db, &stream, &prefix, free_port());
+    let mut worker = Worker::spawn(&env, &[("TICKVAULT_INGEST__FLUSH_INTERVAL_MS", "600000")]);
+    worker.wait_ready().await;
+    let nats = async_nats::connect(shared_nats_url()).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    for seq in 0..25 {
+        publish(
+            &js,
+            format!("{prefix}.tick.FPT"),
+            tick("FPT", T0, seq, 10.0).to_string(),
+        )
+        .await;
+    }
+    wait_for(Duration::from_secs(20), "25 rows waiting", || async {
+        (worker
+            .metric("tickvault_queue_depth", &[("type", "tick")])
+            .await
+            == 25.0)
+            .then_some(())
+    })
+    .await;
+    let pool = db.pool().await;
+    assert_eq!(count(&pool, "tick_data").await, 0);
+
+    let signalled = Instant::now();
+    worker.signal(Signal::SIGTERM);
+    let status = worker.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(0), "SIGTERM exits 0");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(20),
+        "within the bound"
+    );
+    assert_eq!(
+        count(&pool, "tick_data").await,
+        25,
+        "every waiting row was flushed"
+    );
+    delete_streams(&js, &stream).await;
+}
+
+#[tokio::test]
+async fn a_killed_worker_restarts_without_loss_duplicates_or_old_versions() {
+    let db = TestDatabase::create().await;
+    let id = crate::helpers::unique();
+    let (stream, prefix) = (format!("TV_{id}"), format!("md{id}"));
+    let env = worker_env(&db, &stream, &prefix, free_port());
+    let fast = [
+        ("TICKVAULT_INGEST__FLUSH_INTERVAL_MS", "50"),
+        ("TICKVAULT_INGEST__BATCH_SIZE", "100"),
+        ("TICKVAULT_INGEST__ACK_WAIT_SECS", "2"),
+    ];
+    let mut worker = Worker::spawn(&env, &fast);
+    worker.wait_ready().await;
+    let nats = async_nats::connect(shared_nats_url()).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let pool = db.pool().await;
+
+    let messages = 200;
+    let mut last_version = 0.0;
+    let mut killed = false;
+    for m in 0..messages {
+        let ticks: Vec<Value> = (0..25).map(|i| tick("FPT", T0, m * 25 + i, 10.0)).collect();
+        publish(
+            &js,
+            format!("{prefix}.tick.FPT"),
+            Value::Array(ticks).to_string(),
+        )
+        .await;
+        last_version = m as f64 + 1.0;
+        publish(
+            &js,
+            format!("{prefix}.candle.FPT"),
+            candle("FPT", T0, last_version).to_string(),
+        )
+        .await;
+        if !killed && count(&pool, "tick_data").await > 1000 {
+            worker.signal(Signal::SIGKILL);
+            worker.wait_exit(Duration::from_secs(10)).await;
+            killed = true;
+        }
+    }
+    assert!(killed, "the worker was killed mid-stream");
+    let worker = Worker::spawn(&env, &fast);
+    worker.wait_ready().await;
+    let total = messages * 25;
+    wait_for(
+        Duration::from_secs(60),
+        "every tick exactly once",
+        || async { (count(&pool, "tick_data").await == total).then_some(()) },
+    )
+    .await;
+    wait_for(
+        Duration::from_secs(30),
+        "the last candle version",
+        || async {
+            let close: Option<f64> = sqlx::query_scalar("SELECT close FROM candles_1m")
+                .fetch_optional(&pool)
+                .await
+                .ok()
+                .flatten();
+            (close == Some(last_version)).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(count(&pool, "candles_1m").await, 1);
+    drop(worker);
+    delete_streams(&js, &stream).await;
+}
