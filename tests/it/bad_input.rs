@@ -29,7 +29,7 @@ async fn malformed_payloads_go_to_the_dead_letter_subject_and_valid_records_land
     app.nats.flush().await.unwrap();
 
     let valid = |seq| tick("FPT", T0, seq, 10.0);
-    let mut with = |field: &str, value: Value| {
+    let with = |field: &str, value: Value| {
         let mut record = valid(1);
         record[field] = value;
         record.to_string()

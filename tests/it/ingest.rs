@@ -518,11 +518,17 @@ async fn a_full_queue_waits_for_the_database_and_loses_nothing() {
         "the queue never holds more than its capacity: {depth}"
     );
     assert_eq!(app.health().await["status"], "degraded");
-    assert!(
-        app.metric("tickvault_flush_errors_total", &[("type", "tick")])
-            .await
-            >= 1.0
-    );
+    wait_for(
+        Duration::from_secs(30),
+        "a failed flush to be counted",
+        || async {
+            let errors = app
+                .metric("tickvault_flush_errors_total", &[("type", "tick")])
+                .await;
+            (errors >= 1.0).then_some(())
+        },
+    )
+    .await;
 
     pg.resume();
     app.wait_for_rows("tick_data", total).await;
