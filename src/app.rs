@@ -70,7 +70,8 @@ impl App {
             source,
         })?;
         let db = Database::connect_lazy(&config.database)?;
-        let nats = connect_nats(&config).await?;
+        let metrics = Arc::new(Metrics::new());
+        let nats = connect_nats(&config, metrics.clone()).await?;
         tracing::info!(
             http = %http_addr,
             database = %config.database.url,
@@ -84,7 +85,7 @@ impl App {
             http_addr,
             db,
             nats,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             status: Arc::new(Status::new()),
         })
     }
@@ -194,8 +195,11 @@ impl App {
 }
 
 /// Connects in the background: the client retries the first connection and
-/// every reconnection with capped backoff.
-async fn connect_nats(config: &Config) -> Result<async_nats::Client, BuildError> {
+/// every reconnection with capped backoff; connection events go to metrics.
+async fn connect_nats(
+    config: &Config,
+    metrics: Arc<Metrics>,
+) -> Result<async_nats::Client, BuildError> {
     let url = &config.nats.url;
     let error = |message: String| BuildError::Nats {
         url: url.redacted(),
@@ -206,7 +210,11 @@ async fn connect_nats(config: &Config) -> Result<async_nats::Client, BuildError>
         .name(&config.nats.client_name)
         .retry_on_initial_connect()
         .max_reconnects(None)
-        .connection_timeout(Duration::from_secs(5));
+        .connection_timeout(Duration::from_secs(5))
+        .event_callback(move |event| {
+            let metrics = metrics.clone();
+            async move { metrics.nats_event(&event) }
+        });
     // Credentials in the URL: passed as options so they are not re-parsed or logged.
     if let Some(password) = nats_url.password() {
         options = options.user_and_password(nats_url.username().into(), password.into());

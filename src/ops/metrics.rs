@@ -372,6 +372,15 @@ impl Metrics {
         self.nats_connected.set(connected as i64);
     }
 
+    /// A NATS client event: connection changes update the gauge, the rest is logged.
+    pub fn nats_event(&self, event: &async_nats::Event) {
+        match event {
+            async_nats::Event::Connected => self.nats_connection(true),
+            async_nats::Event::Disconnected => self.nats_connection(false),
+            other => tracing::warn!(event = %other, "NATS client event"),
+        }
+    }
+
     pub fn history_answered(&self, kind: &str, code: u16, elapsed: Duration) {
         tracing::debug!(
             kind,
