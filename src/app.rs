@@ -23,6 +23,8 @@ use crate::ops::metrics::Metrics;
 const SHUTDOWN_DB_GRACE: Duration = Duration::from_secs(10);
 /// The bound on the whole drain after the grace period.
 const SHUTDOWN_DRAIN_BOUND: Duration = Duration::from_secs(10);
+/// How long shutdown waits to send buffered acknowledgements (NATS may be gone).
+const NATS_FLUSH_BOUND: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -173,8 +175,11 @@ impl App {
             }
         };
         // Acknowledgements are buffered publishes: send them before leaving.
-        if let Err(e) = self.nats.flush().await {
-            tracing::warn!(error = %e, "could not flush the last acknowledgements; those messages will be redelivered");
+        match tokio::time::timeout(NATS_FLUSH_BOUND, self.nats.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => tracing::warn!(
+                "could not send the last acknowledgements to NATS; those messages will be redelivered"
+            ),
         }
         let _ = history.await;
         stop_rest.cancel();

@@ -77,3 +77,52 @@ fn every_subcommand_has_help() {
         assert!(!output.stdout.is_empty());
     }
 }
+
+#[tokio::test]
+async fn secrets_never_reach_the_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let closed = crate::helpers::free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tickvault"))
+        .arg("run")
+        .current_dir(dir.path())
+        .env(
+            "DATABASE_URL",
+            format!("postgres://app:hunter2@127.0.0.1:{closed}/market"),
+        )
+        .env(
+            "NATS_URL",
+            format!("nats://feeder:n4ts-pass@127.0.0.1:{closed}"),
+        )
+        .env("TICKVAULT_HTTP__ADDR", "127.0.0.1:0")
+        .env("TICKVAULT_LOG__FORMAT", "json")
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    crate::helpers::wait_for(
+        std::time::Duration::from_secs(30),
+        "the worker to log the unreachable database",
+        || async {
+            let logged = std::fs::read_to_string(&log_path).unwrap_or_default();
+            logged.contains("database is down").then_some(())
+        },
+    )
+    .await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        logged.contains("postgres://app:***@127.0.0.1"),
+        "the redacted URL is logged"
+    );
+    for secret in ["hunter2", "n4ts-pass"] {
+        assert!(!logged.contains(secret), "{secret} leaked into the log");
+    }
+}
