@@ -257,6 +257,10 @@ impl Sink {
             Err(_) => tx.rollback().await?,
         }
         let mut tx = conn.begin().await?;
+        // The staging table usually exists already on this connection: no notice for that.
+        sqlx::query("SET LOCAL client_min_messages = warning")
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(&self.statements.create_staging)
             .execute(&mut *tx)
             .await?;

@@ -26,7 +26,6 @@ use crate::retry::Backoff;
 
 /// The queue group of core-mode subscriptions.
 pub const CORE_QUEUE_GROUP: &str = "tickvault";
-const PENDING_REFRESH: Duration = Duration::from_secs(5);
 /// How long a message whose dead letter could not be stored waits before redelivery.
 const DEAD_LETTER_RETRY: Duration = Duration::from_secs(5);
 
@@ -261,7 +260,7 @@ impl Source {
             })
     }
 
-    async fn consume(&self, mut consumer: PullConsumer, shutdown: &CancellationToken) {
+    async fn consume(&self, consumer: PullConsumer, shutdown: &CancellationToken) {
         let name = self.record_type.name();
         let messages = consumer
             .stream()
@@ -279,16 +278,9 @@ impl Source {
         };
         tracing::info!(r#type = name, consumer = %durable_name(self.record_type), "consuming");
         self.status.set_intake_ready(self.record_type, true);
-        let mut pending_refresh = tokio::time::interval(PENDING_REFRESH);
         loop {
             let message = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = pending_refresh.tick() => {
-                    if let Ok(info) = consumer.info().await {
-                        self.metrics.consumer_pending(self.record_type, info.num_pending);
-                    }
-                    continue;
-                }
                 message = messages.next() => message,
             };
             let message = match message {
@@ -308,7 +300,17 @@ impl Source {
                 }
                 None => return,
             };
-            let stream_seq = message.info().ok().map(|info| info.stream_sequence);
+            // The delivery's reply subject carries its stream sequence and how many
+            // messages the consumer still has to deliver. (Asking the server with
+            // consumer info instead slowed nats-server 2.9's deliveries 30-fold.)
+            let stream_seq = match message.info() {
+                Ok(info) => {
+                    self.metrics
+                        .consumer_pending(self.record_type, info.pending);
+                    Some(info.stream_sequence)
+                }
+                Err(_) => None,
+            };
             let (message, ack) = message.split();
             if !self
                 .handle(

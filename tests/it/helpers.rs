@@ -137,6 +137,7 @@ pub struct TestApp {
     stop: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<Result<(), RunError>>>,
     db: Option<TestDatabase>,
+    _streams: StreamCleanup,
 }
 
 /// Starts the real application on the shared services; `customize` edits its config.
@@ -178,6 +179,10 @@ pub async fn start(config: Config) -> TestApp {
         .connect_lazy(config.database.url.expose())
         .expect("test pool");
     TestApp {
+        _streams: StreamCleanup {
+            nats_url: config.nats.url.expose().to_string(),
+            stream: config.ingest.stream.clone(),
+        },
         js: jetstream::new(nats.clone()),
         config,
         http,
@@ -279,15 +284,6 @@ impl TestApp {
     pub fn set_database(&mut self, db: Option<TestDatabase>) {
         self.db = db;
     }
-
-    /// Deletes this test's streams (feed and dead letters).
-    pub async fn delete_streams(&self) {
-        let _ = self.js.delete_stream(&self.config.ingest.stream).await;
-        let _ = self
-            .js
-            .delete_stream(format!("{}_DLQ", self.config.ingest.stream))
-            .await;
-    }
 }
 
 impl Drop for TestApp {
@@ -295,18 +291,33 @@ impl Drop for TestApp {
         if let Some(handle) = self.handle.take() {
             handle.abort();
         }
-        // Streams live on the shared server: remove them from a helper thread.
-        let js = self.js.clone();
-        let streams = [
-            self.config.ingest.stream.clone(),
-            format!("{}_DLQ", self.config.ingest.stream),
-        ];
+    }
+}
+
+/// Deletes a test's streams (feed and dead letters) from the NATS server when dropped.
+pub struct StreamCleanup {
+    pub nats_url: String,
+    pub stream: String,
+}
+
+impl Drop for StreamCleanup {
+    fn drop(&mut self) {
+        // A helper thread with its own connection: the test's runtime may be
+        // blocked in this drop, or already gone.
+        let nats_url = self.nats_url.clone();
+        let streams = [self.stream.clone(), format!("{}_DLQ", self.stream)];
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             runtime.block_on(async move {
+                let connect = async_nats::connect(nats_url);
+                let Ok(Ok(client)) = tokio::time::timeout(Duration::from_secs(2), connect).await
+                else {
+                    return;
+                };
+                let js = jetstream::new(client);
                 for stream in streams {
                     let _ = tokio::time::timeout(Duration::from_secs(2), js.delete_stream(stream))
                         .await;

@@ -10,7 +10,8 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 use crate::helpers::{
-    free_port, shared_nats_url, start, test_config, wait_for, NatsServer, PgServer, TestDatabase,
+    free_port, shared_nats_url, start, test_config, wait_for, NatsServer, PgServer, StreamCleanup,
+    TestDatabase,
 };
 use crate::ingest::{candle, tick};
 
@@ -200,16 +201,15 @@ async fn count(pool: &sqlx::PgPool, table: &str) -> i64 {
         .unwrap_or(-1)
 }
 
-async fn delete_streams(js: &async_nats::jetstream::Context, stream: &str) {
-    let _ = js.delete_stream(stream).await;
-    let _ = js.delete_stream(format!("{stream}_DLQ")).await;
-}
-
 #[tokio::test]
 async fn sigterm_flushes_every_queue_and_exits_zero() {
     let db = TestDatabase::create().await;
     let id = crate::helpers::unique();
     let (stream, prefix) = (format!("TV_{id}"), format!("md{id}"));
+    let _cleanup = StreamCleanup {
+        nats_url: shared_nats_url(),
+        stream: stream.clone(),
+    };
     let env = worker_env(&db, &stream, &prefix, free_port());
     let mut worker = Worker::spawn(&env, &[("TICKVAULT_INGEST__FLUSH_INTERVAL_MS", "600000")]);
     worker.wait_ready().await;
@@ -247,7 +247,6 @@ async fn sigterm_flushes_every_queue_and_exits_zero() {
         25,
         "every waiting row was flushed"
     );
-    delete_streams(&js, &stream).await;
 }
 
 #[tokio::test]
@@ -255,6 +254,10 @@ async fn a_killed_worker_restarts_without_loss_duplicates_or_old_versions() {
     let db = TestDatabase::create().await;
     let id = crate::helpers::unique();
     let (stream, prefix) = (format!("TV_{id}"), format!("md{id}"));
+    let _cleanup = StreamCleanup {
+        nats_url: shared_nats_url(),
+        stream: stream.clone(),
+    };
     let env = worker_env(&db, &stream, &prefix, free_port());
     let fast = [
         ("TICKVAULT_INGEST__FLUSH_INTERVAL_MS", "50"),
@@ -316,5 +319,4 @@ async fn a_killed_worker_restarts_without_loss_duplicates_or_old_versions() {
     .await;
     assert_eq!(count(&pool, "candles_1m").await, 1);
     drop(worker);
-    delete_streams(&js, &stream).await;
 }
