@@ -198,22 +198,8 @@ async fn a_full_batch_flushes_before_the_interval() {
         .await;
     }
     app.wait_for_rows("tick_data", 500).await;
-    assert_eq!(
-        app.metric(
-            "tickvault_flushes_total",
-            &[("type", "tick"), ("trigger", "size")]
-        )
-        .await,
-        1.0
-    );
-    assert_eq!(
-        app.metric(
-            "tickvault_flushes_total",
-            &[("type", "tick"), ("trigger", "interval")]
-        )
-        .await,
-        0.0
-    );
+    assert_eq!(tick_flushes(&app, "size").await, 1.0);
+    assert_eq!(tick_flushes(&app, "interval").await, 0.0);
 }
 
 #[tokio::test]
@@ -237,22 +223,17 @@ async fn a_few_rows_flush_when_the_interval_ends() {
         elapsed >= Duration::from_millis(900),
         "flushed after {elapsed:?}, before the interval"
     );
-    assert_eq!(
-        app.metric(
-            "tickvault_flushes_total",
-            &[("type", "tick"), ("trigger", "interval")]
-        )
-        .await,
-        1.0
-    );
-    assert_eq!(
-        app.metric(
-            "tickvault_flushes_total",
-            &[("type", "tick"), ("trigger", "size")]
-        )
-        .await,
-        0.0
-    );
+    assert_eq!(tick_flushes(&app, "interval").await, 1.0);
+    assert_eq!(tick_flushes(&app, "size").await, 0.0);
+}
+
+/// Tick flushes counted with this trigger label.
+async fn tick_flushes(app: &crate::helpers::TestApp, trigger: &str) -> f64 {
+    app.metric(
+        "tickvault_flushes_total",
+        &[("type", "tick"), ("trigger", trigger)],
+    )
+    .await
 }
 
 /// (close, stream_seq) of the stored candle, or (NaN, -1) when there is none yet.

@@ -99,6 +99,19 @@ struct Worker {
     http_port: u16,
 }
 
+/// A database, a feed prefix, the worker's environment and the stream cleanup.
+async fn worker_setup() -> (TestDatabase, String, Vec<(String, String)>, StreamCleanup) {
+    let db = TestDatabase::create().await;
+    let id = crate::helpers::unique();
+    let (stream, prefix) = (format!("TV_{id}"), format!("md{id}"));
+    let env = worker_env(&db, &stream, &prefix, free_port());
+    let cleanup = StreamCleanup {
+        nats_url: shared_nats_url(),
+        stream,
+    };
+    (db, prefix, env, cleanup)
+}
+
 fn worker_env(
     db: &TestDatabase,
     stream: &str,
@@ -203,14 +216,7 @@ async fn count(pool: &sqlx::PgPool, table: &str) -> i64 {
 
 #[tokio::test]
 async fn sigterm_flushes_every_queue_and_exits_zero() {
-    let db = TestDatabase::create().await;
-    let id = crate::helpers::unique();
-    let (stream, prefix) = (format!("TV_{id}"), format!("md{id}"));
-    let _cleanup = StreamCleanup {
-        nats_url: shared_nats_url(),
-        stream: stream.clone(),
-    };
-    let env = worker_env(&db, &stream, &prefix, free_port());
+    let (db, prefix, env, _cleanup) = worker_setup().await;
     let mut worker = Worker::spawn(&env, &[("TICKVAULT_INGEST__FLUSH_INTERVAL_MS", "600000")]);
     worker.wait_ready().await;
     let nats = async_nats::connect(shared_nats_url()).await.unwrap();
@@ -251,14 +257,7 @@ async fn sigterm_flushes_every_queue_and_exits_zero() {
 
 #[tokio::test]
 async fn a_killed_worker_restarts_without_loss_duplicates_or_old_versions() {
-    let db = TestDatabase::create().await;
-    let id = crate::helpers::unique();
-    let (stream, prefix) = (format!("TV_{id}"), format!("md{id}"));
-    let _cleanup = StreamCleanup {
-        nats_url: shared_nats_url(),
-        stream: stream.clone(),
-    };
-    let env = worker_env(&db, &stream, &prefix, free_port());
+    let (db, prefix, env, _cleanup) = worker_setup().await;
     let fast = [
         ("TICKVAULT_INGEST__FLUSH_INTERVAL_MS", "50"),
         ("TICKVAULT_INGEST__BATCH_SIZE", "100"),
