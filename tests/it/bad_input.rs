@@ -210,3 +210,62 @@ async fn malformed_payloads_go_to_the_dead_letter_subject_and_valid_records_land
     .await;
     assert_eq!(app.ready_status().await, 200, "the worker is still ready");
 }
+
+#[tokio::test]
+async fn a_row_postgresql_refuses_is_dead_lettered_alone_and_its_batch_still_lands() {
+    let app = crate::helpers::spawn_app(|c| c.ingest.flush_interval_ms = 300).await;
+    // A rule only the database knows: the row passes validation, PostgreSQL refuses it.
+    sqlx::query("ALTER TABLE tick_data ADD CONSTRAINT price_cap CHECK (price < 1000)")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let prefix = app.config.ingest.subject_prefix.clone();
+    let mut dead_letters = app
+        .nats
+        .subscribe(format!("{prefix}.dlq.tick"))
+        .await
+        .unwrap();
+    app.nats.flush().await.unwrap();
+
+    let batch = json!([
+        tick("FPT", T0, 1, 10.0),
+        tick("FPT", T0, 2, 5000.0),
+        tick("FPT", T0, 3, 10.0)
+    ]);
+    app.publish(app.subject("tick", "FPT"), batch.to_string())
+        .await;
+    app.publish(
+        app.subject("tick", "FPT"),
+        tick("FPT", T0, 4, 10.0).to_string(),
+    )
+    .await;
+
+    let message = tokio::time::timeout(Duration::from_secs(30), dead_letters.next())
+        .await
+        .expect("the refused row is dead-lettered")
+        .unwrap();
+    let headers = message.headers.clone().unwrap();
+    assert_eq!(
+        headers.get("Tickvault-Reject-Reason").unwrap().as_str(),
+        "database_rejected"
+    );
+    let record: Value = serde_json::from_slice(&message.payload).unwrap();
+    assert_eq!(
+        (record["seq"].as_i64(), record["price"].as_f64()),
+        (Some(2), Some(5000.0))
+    );
+
+    app.wait_for_rows("tick_data", 3).await;
+    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM tick_data ORDER BY seq")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(seqs, vec![1, 3, 4]);
+    let rejected = app
+        .metric(
+            "tickvault_rejected_total",
+            &[("type", "tick"), ("reason", "database_rejected")],
+        )
+        .await;
+    assert_eq!(rejected, 1.0);
+}
