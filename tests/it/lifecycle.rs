@@ -319,3 +319,37 @@ async fn a_killed_worker_restarts_without_loss_duplicates_or_old_versions() {
     assert_eq!(count(&pool, "candles_1m").await, 1);
     drop(worker);
 }
+
+#[tokio::test]
+async fn an_existing_stream_that_does_not_cover_the_feed_stops_start_up_saying_why() {
+    let db = TestDatabase::create().await;
+    let config = test_config(&db.url, &shared_nats_url());
+    let _cleanup = StreamCleanup {
+        nats_url: shared_nats_url(),
+        stream: config.ingest.stream.clone(),
+    };
+    let nats = async_nats::connect(shared_nats_url()).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let only_ticks = format!("{}.tick.>", config.ingest.subject_prefix);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: config.ingest.stream.clone(),
+        subjects: vec![only_ticks],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    let app = tickvault::App::build(config.clone()).await.unwrap();
+    let result = tokio::time::timeout(
+        Duration::from_secs(30),
+        app.run_until_stopped(std::future::pending()),
+    )
+    .await
+    .expect("start-up fails instead of running");
+    let message = result
+        .expect_err("a stream that misses subjects is an error")
+        .to_string();
+    let missing = format!("{}.candle.>", config.ingest.subject_prefix);
+    assert!(message.contains(&config.ingest.stream), "{message}");
+    assert!(message.contains(&missing), "{message}");
+}
