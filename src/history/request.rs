@@ -154,7 +154,15 @@ pub fn parse(record_type: RecordType, body: &[u8]) -> Result<Query, HistoryError
 
     let from = parse_bound(required_str(object, "from")?, "from")?;
     let to = parse_bound(required_str(object, "to")?, "to")?;
-    if from.start > to.start {
+    // A date `to` covers its whole market day: `from` is after it from the
+    // next local midnight on. An RFC 3339 `to` is an instant: `from` is
+    // after it when later (equal is an empty range, not an error).
+    let from_after_to = if to.is_date {
+        from.start >= to.end
+    } else {
+        from.start > to.end
+    };
+    if from_after_to {
         return Err(bad("field `from` must not be after field `to`"));
     }
 
@@ -265,6 +273,8 @@ fn parse_limit(value: &Json) -> Result<u32, HistoryError> {
 struct Bound {
     start: DateTime<Utc>,
     end: DateTime<Utc>,
+    /// Given as a date (a whole market day), not as a timestamp.
+    is_date: bool,
 }
 
 fn parse_bound(text: &str, field: &str) -> Result<Bound, HistoryError> {
@@ -283,7 +293,11 @@ fn parse_bound(text: &str, field: &str) -> Result<Bound, HistoryError> {
             .checked_add_days(Days::new(1))
             .and_then(local_midnight)
             .ok_or_else(invalid)?;
-        return Ok(Bound { start, end });
+        return Ok(Bound {
+            start,
+            end,
+            is_date: true,
+        });
     }
     let ts = DateTime::parse_from_rfc3339(text)
         .map_err(|_| invalid())?
@@ -294,7 +308,11 @@ fn parse_bound(text: &str, field: &str) -> Result<Bound, HistoryError> {
         return Err(invalid());
     }
     let ts = DateTime::from_timestamp_micros(ts.timestamp_micros()).ok_or_else(invalid)?;
-    Ok(Bound { start: ts, end: ts })
+    Ok(Bound {
+        start: ts,
+        end: ts,
+        is_date: false,
+    })
 }
 
 fn local_midnight(date: NaiveDate) -> Option<DateTime<Utc>> {
@@ -363,6 +381,43 @@ mod tests {
         assert_eq!(q.order, Order::Desc);
         assert_eq!(q.interval, Interval::M5);
         assert_eq!(q.limit, MAX_LIMIT);
+    }
+
+    #[test]
+    fn from_within_the_day_of_a_date_to_is_accepted() {
+        let q = parse_json(
+            RecordType::Tick,
+            json!({"symbol": "FPT", "from": "2026-11-26T10:00:00+07:00", "to": "2026-11-26"}),
+        )
+        .unwrap();
+        assert_eq!(q.from, utc("2026-11-26T03:00:00Z"));
+        assert_eq!(q.to, utc("2026-11-26T17:00:00Z"));
+        // The last instant of the day is still within it; the next day is after it.
+        assert!(parse_json(
+            RecordType::Tick,
+            json!({"symbol": "FPT", "from": "2026-11-26T23:59:59.999999+07:00", "to": "2026-11-26"}),
+        )
+        .is_ok());
+        for from in ["2026-11-27T00:00:00+07:00", "2026-11-27"] {
+            let m = message(parse_json(
+                RecordType::Tick,
+                json!({"symbol": "FPT", "from": from, "to": "2026-11-26"}),
+            ));
+            assert!(m.contains("`from`"), "{from}: {m}");
+        }
+        // An RFC 3339 `to`: only a `from` after it is refused.
+        let m = message(parse_json(
+            RecordType::Tick,
+            json!({"symbol": "FPT", "from": "2026-11-26T10:00:00.000001+07:00",
+                "to": "2026-11-26T10:00:00+07:00"}),
+        ));
+        assert!(m.contains("`from`"), "{m}");
+        assert!(parse_json(
+            RecordType::Tick,
+            json!({"symbol": "FPT", "from": "2026-11-26T10:00:00+07:00",
+                "to": "2026-11-26T03:00:00Z"}),
+        )
+        .is_ok());
     }
 
     #[test]

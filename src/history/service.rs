@@ -25,8 +25,6 @@ use crate::retry::Backoff;
 
 pub const SERVICE_NAME: &str = "tickvault-history";
 pub const QUEUE_GROUP: &str = "tickvault-history";
-/// Requests answered at the same time; more wait in the subscription.
-const MAX_IN_FLIGHT: usize = 32;
 /// The reply size when the server does not say its max payload.
 const FALLBACK_MAX_PAYLOAD: usize = 1024 * 1024;
 /// Room kept for the reply envelope (`{"rows":[` ... `],"next_cursor":"..."}`).
@@ -83,7 +81,7 @@ pub async fn serve(
             .into_iter()
             .map(|(record_type, endpoint)| endpoint.map(move |request| (record_type, request))),
     );
-    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let permits = Arc::new(Semaphore::new(max_in_flight(context.db.pool_max())));
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
@@ -118,6 +116,13 @@ pub async fn serve(
         tasks.abort_all();
     }
     tracing::info!("history service stopped");
+}
+
+/// Requests answered at the same time (more wait in the subscription): half
+/// the database pool, so history never takes every connection the ingest
+/// flushes need.
+pub fn max_in_flight(pool_max: u32) -> usize {
+    (pool_max as usize / 2).max(1)
 }
 
 type Started = (
@@ -269,4 +274,17 @@ async fn write_reply(
         return Err(HistoryError::RowTooLarge);
     }
     Ok(Bytes::from(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::max_in_flight;
+
+    #[test]
+    fn history_takes_at_most_half_the_pool() {
+        assert_eq!(max_in_flight(10), 5);
+        assert_eq!(max_in_flight(5), 2);
+        assert_eq!(max_in_flight(1), 1);
+        assert_eq!(max_in_flight(0), 1);
+    }
 }
