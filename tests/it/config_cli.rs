@@ -115,7 +115,15 @@ async fn secrets_never_reach_the_logs() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let status = child.wait().unwrap();
+    let status = crate::helpers::wait_for(
+        std::time::Duration::from_secs(30),
+        "the worker to exit after SIGTERM",
+        || {
+            let status = child.try_wait().unwrap();
+            async move { status }
+        },
+    )
+    .await;
     assert_eq!(status.code(), Some(0));
     let logged = std::fs::read_to_string(&log_path).unwrap();
     assert!(

@@ -223,10 +223,31 @@ impl TestApp {
         .await
     }
 
-    /// A metric's value from `/metrics`, summed over series whose labels contain `labels`.
+    /// A metric's value from `/metrics`, summed over series whose labels
+    /// contain `labels`; panics when there is no such series.
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         let (_, body) = self.get("/metrics").await;
         metric_value(&body, name, labels)
+    }
+
+    /// Like [`TestApp::metric`], `None` while no such series exists yet.
+    pub async fn metric_if_present(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let (_, body) = self.get("/metrics").await;
+        try_metric_value(&body, name, labels)
+    }
+
+    /// Waits (30 s) until the series exists and is at least `min`; returns its value.
+    pub async fn wait_for_metric(&self, name: &str, labels: &[(&str, &str)], min: f64) -> f64 {
+        wait_for(
+            Duration::from_secs(30),
+            &format!("{name}{labels:?} >= {min}"),
+            || async {
+                self.metric_if_present(name, labels)
+                    .await
+                    .filter(|v| *v >= min)
+            },
+        )
+        .await
     }
 
     /// Feed subject for a type and symbol: `<prefix>.<type>.<symbol>`.
@@ -329,8 +350,19 @@ impl Drop for StreamCleanup {
 }
 
 /// Sums the samples of `name` whose label set contains every pair of `labels`.
+///
+/// Panics when no series matches: a misspelt name or label must fail the
+/// test, not read as 0 (every contract series is exported from start-up).
 pub fn metric_value(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    exposition
+    try_metric_value(exposition, name, labels).unwrap_or_else(|| {
+        panic!("no series of metric `{name}` with labels {labels:?} in the exposition")
+    })
+}
+
+/// Like [`metric_value`], `None` when no series matches: for a series that
+/// only appears once something happened (e.g. a new label value).
+pub fn try_metric_value(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let values: Vec<f64> = exposition
         .lines()
         .filter(|line| !line.starts_with('#'))
         .filter_map(|line| {
@@ -347,7 +379,8 @@ pub fn metric_value(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f6
                 .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")));
             all.then(|| value.parse::<f64>().ok()).flatten()
         })
-        .sum()
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }
 
 pub fn free_port() -> u16 {

@@ -688,14 +688,13 @@ async fn hostile_requests_get_400_with_headers_and_change_nothing() {
         after.push(count(&app.pool, t.spec().table).await);
     }
     assert_eq!(before, after, "tables unchanged");
-    assert!(
-        app.metric(
-            "tickvault_history_requests_total",
-            &[("kind", "ticks"), ("code", "400")]
-        )
-        .await
-            >= 20.0
-    );
+    // Counted just after the reply is sent: wait for it rather than race it.
+    app.wait_for_metric(
+        "tickvault_history_requests_total",
+        &[("kind", "ticks"), ("code", "400")],
+        20.0,
+    )
+    .await;
     // The service still answers.
     let reply = ask(&app, "ticks", ok).await;
     assert_eq!(reply.rows().len(), 1);
@@ -733,14 +732,13 @@ async fn database_down_gives_503_with_retry_after_then_200_when_back() {
             && !message.contains("SELECT"),
         "{message}"
     );
-    assert!(
-        app.metric(
-            "tickvault_history_requests_total",
-            &[("kind", "candles"), ("code", "503")]
-        )
-        .await
-            >= 1.0
-    );
+    // Counted just after the reply is sent: wait for it rather than race it.
+    app.wait_for_metric(
+        "tickvault_history_requests_total",
+        &[("kind", "candles"), ("code", "503")],
+        1.0,
+    )
+    .await;
 
     pg.resume();
     let rows = wait_for(
@@ -922,7 +920,8 @@ async fn the_cli_prints_what_the_service_returns_in_each_format() {
 }
 
 /// Measures (a) one market day of 1-minute candles and (b) 50,000 ticks on
-/// the shared services; bounds are generous, the numbers are printed.
+/// the shared services and prints the timings; it asserts only the results
+/// (speed is for the benchmarks, not for timed tests).
 #[tokio::test(flavor = "multi_thread")]
 async fn latency_of_a_day_of_candles_and_50000_ticks() {
     let app = spawn_app(|_| {}).await;
@@ -955,6 +954,15 @@ async fn latency_of_a_day_of_candles_and_50000_ticks() {
         let (rows, sizes) = fetch_all(&app, "ticks", day.clone()).await;
         tick_times.push((started.elapsed(), sizes.len()));
         assert_eq!(rows.len(), 50_000);
+        // Functional properties only: every reply fits the payload limit and
+        // the pages hold each tick once, in order.
+        let max_payload = app.nats.server_info().max_payload;
+        assert!(sizes.iter().all(|size| *size <= max_payload), "{sizes:?}");
+        let in_order = rows
+            .iter()
+            .enumerate()
+            .all(|(i, row)| row["seq"].as_i64() == Some(i as i64));
+        assert!(in_order, "every tick once, in order");
     }
     candle_times.sort();
     tick_times.sort();
@@ -966,6 +974,5 @@ async fn latency_of_a_day_of_candles_and_50000_ticks() {
         "LATENCY 50,000 ticks (all pages): median {:?} in {} replies, all {tick_times:?}",
         tick_times[1].0, tick_times[1].1
     );
-    assert!(candle_times[2] < Duration::from_secs(2));
-    assert!(tick_times[1].0 < Duration::from_secs(20));
+    // No wall-clock limits here: speed is measured by `tickvault bench`.
 }
