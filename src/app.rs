@@ -23,6 +23,8 @@ use crate::ops::metrics::Metrics;
 const SHUTDOWN_DB_GRACE: Duration = Duration::from_secs(10);
 /// The bound on the whole drain after the grace period.
 const SHUTDOWN_DRAIN_BOUND: Duration = Duration::from_secs(10);
+/// How long shutdown waits for database connections to be returned.
+const POOL_CLOSE_BOUND: Duration = Duration::from_secs(5);
 /// How long shutdown waits to send buffered acknowledgements (NATS may be gone).
 const NATS_FLUSH_BOUND: Duration = Duration::from_secs(5);
 
@@ -45,6 +47,8 @@ pub enum RunError {
     Ingest(#[from] IngestError),
     #[error("the HTTP server failed: {0}")]
     Http(#[source] std::io::Error),
+    #[error("the {0} task failed: {1}; this is a bug, please report it with the log")]
+    Task(&'static str, #[source] tokio::task::JoinError),
 }
 
 pub struct App {
@@ -185,15 +189,16 @@ impl App {
         stop_rest.cancel();
         let _ = supervisor.await;
         let http_result = http_server.await;
-        self.db.pool.close().await;
-        match ingest_result {
-            Ok(result) => result?,
-            Err(e) => tracing::error!(error = %e, "ingest task failed"),
+        if tokio::time::timeout(POOL_CLOSE_BOUND, self.db.pool.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("database connections still busy at exit were dropped");
         }
-        match http_result {
-            Ok(result) => result.map_err(RunError::Http)?,
-            Err(e) => tracing::error!(error = %e, "HTTP task failed"),
-        }
+        ingest_result.map_err(|e| RunError::Task("ingest", e))??;
+        http_result
+            .map_err(|e| RunError::Task("HTTP", e))?
+            .map_err(RunError::Http)?;
         tracing::info!("tickvault stopped");
         Ok(())
     }

@@ -422,13 +422,7 @@ fn copy_text(spec: &RecordSpec, args: &BenchArgs) -> Result<String, BenchError> 
                 arg: "type",
                 message: format!("generated record rejected: {}", r.detail),
             })?;
-        for (n, value) in values.iter().enumerate() {
-            if n > 0 {
-                data.push('\t');
-            }
-            value.write_copy_text(&mut data);
-        }
-        data.push('\n');
+        crate::records::write_copy_row(&values, &mut data);
     }
     Ok(data)
 }

@@ -326,6 +326,25 @@ impl Config {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
+        // Upper bounds keep sizes within what the queue and NATS can count.
+        let bounded = [
+            ("ingest.queue_capacity", ingest.queue_capacity, 10_000_000),
+            ("ingest.max_batch_rows", ingest.max_batch_rows, 1_000_000),
+            ("ingest.fetch_batch", ingest.fetch_batch, 10_000),
+            (
+                "ingest.max_message_bytes",
+                ingest.max_message_bytes,
+                64 * 1024 * 1024,
+            ),
+        ];
+        for (key, value, max) in bounded {
+            if value > max {
+                return Err(invalid(
+                    key,
+                    format!("{value} is more than the maximum {max}"),
+                ));
+            }
+        }
         if ingest.max_batch_rows < ingest.batch_size {
             return Err(invalid(
                 "ingest.max_batch_rows",
@@ -502,6 +521,11 @@ mod tests {
                 "ingest.subject_prefix",
             ),
             ("TICKVAULT_HTTP__ADDR", "nowhere", "http.addr"),
+            (
+                "TICKVAULT_INGEST__QUEUE_CAPACITY",
+                "99999999999",
+                "ingest.queue_capacity",
+            ),
             ("TICKVAULT_INGEST__NO_SUCH_KEY", "1", "no_such_key"),
         ];
         for (name, value, key) in cases {

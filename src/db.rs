@@ -29,7 +29,9 @@ pub enum DbError {
     Timeout(Duration),
     #[error("database check failed: {0}")]
     Query(#[source] sqlx::Error),
-    #[error("migrations failed: {0}; fix the database or run `tickvault migrate` to see more")]
+    #[error(
+        "migrations failed: {0}; check the database's log and that the user may create tables"
+    )]
     Migrate(#[source] sqlx::migrate::MigrateError),
 }
 
@@ -121,9 +123,10 @@ impl Database {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(sqlx::Error::PoolTimedOut)) => {
                 match tokio::time::timeout(HEALTH_CHECK_TIMEOUT, self.options.connect()).await {
+                    // The database answers; the pool is only busy.
                     Ok(Ok(conn)) => {
                         let _ = conn.close().await;
-                        Err(DbError::Query(sqlx::Error::PoolTimedOut))
+                        Ok(())
                     }
                     Ok(Err(e)) => Err(DbError::Query(e)),
                     Err(_) => Err(DbError::Timeout(HEALTH_CHECK_TIMEOUT)),

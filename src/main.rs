@@ -87,7 +87,12 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
         Command::Bench(args) => tickvault::bench::run(&config, args).await?,
         Command::Health { url } => {
             let url = url.unwrap_or_else(|| ready_url(&config));
-            let status = reqwest::get(&url)
+            let client = reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(5))
+                .build()?;
+            let status = client
+                .get(&url)
+                .send()
                 .await
                 .with_context(|| format!("{url} did not answer: is `tickvault run` running?"))?
                 .status();

@@ -31,6 +31,20 @@ impl SecretUrl {
         let Ok(mut url) = Url::parse(&self.0) else {
             return "***".into();
         };
+        // Drivers also take credentials as query parameters (`?password=`).
+        let hidden: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| {
+                let secret = matches!(k.as_ref(), "password" | "sslpassword" | "token" | "pass");
+                (
+                    k.into_owned(),
+                    if secret { "***".into() } else { v.into_owned() },
+                )
+            })
+            .collect();
+        if url.query().is_some() {
+            url.query_pairs_mut().clear().extend_pairs(hidden);
+        }
         if url.password().is_some() {
             let _ = url.set_password(Some("***"));
         } else if !url.username().is_empty() && !matches!(url.scheme(), "postgres" | "postgresql") {
@@ -81,5 +95,10 @@ mod tests {
         let plain = SecretUrl::new("postgres://postgres@127.0.0.1:5432/postgres");
         assert_eq!(plain.redacted(), plain.expose());
         assert_eq!(SecretUrl::new("not a url").redacted(), "***");
+        let query = SecretUrl::new("postgres://app@db/market?sslmode=require&password=hunter2");
+        assert_eq!(
+            query.redacted(),
+            "postgres://app@db/market?sslmode=require&password=***"
+        );
     }
 }

@@ -11,7 +11,7 @@ use async_nats::jetstream::message::Acker;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::ingest::sink::Sink;
+use crate::ingest::sink::{self, Sink};
 use crate::ops::health::Status;
 use crate::ops::metrics::{FlushTrigger, Metrics};
 use crate::records::{RecordType, Value};
@@ -125,6 +125,9 @@ pub struct BatchLimits {
     pub batch_size: usize,
     pub max_batch_rows: usize,
     pub flush_interval: Duration,
+    /// JetStream's ack wait: rows waiting longer than a third of it get a
+    /// progress ack so they are not redelivered while still held.
+    pub ack_wait: Duration,
 }
 
 /// Runs until every sender is gone and every row is flushed.
@@ -133,6 +136,8 @@ pub async fn run(mut queue: QueueReceiver, sink: Arc<Sink>, limits: BatchLimits)
     let mut pending_rows = 0usize;
     let mut in_flight: Option<tokio::task::JoinHandle<()>> = None;
     let mut open = true;
+    let mut keep_alive = tokio::time::interval(limits.ack_wait / 3);
+    keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let deadline = pending.front().map(|d| d.arrived + limits.flush_interval);
         tokio::select! {
@@ -152,6 +157,13 @@ pub async fn run(mut queue: QueueReceiver, sink: Arc<Sink>, limits: BatchLimits)
             },
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)),
                 if deadline.is_some() && in_flight.is_none() => {}
+            _ = keep_alive.tick() => {
+                let waiting = pending
+                    .iter()
+                    .take_while(|d| d.arrived.elapsed() >= limits.ack_wait / 3)
+                    .count();
+                sink::progress(pending.range(..waiting)).await;
+            }
         }
         if in_flight.is_none() && !pending.is_empty() {
             let trigger = if pending_rows >= limits.batch_size {

@@ -40,18 +40,48 @@ impl DeadLetters {
         }
     }
 
-    /// Counts, logs and publishes one rejection. Returns false when the
-    /// dead letter could not be published (JetStream then redelivers the
-    /// original message rather than lose it).
-    pub async fn send(
+    /// Counts, logs and publishes one message's rejections (concurrently).
+    /// Returns false when a dead letter could not be published (JetStream
+    /// then redelivers the original message rather than lose it).
+    pub async fn send_all(
         &self,
         record_type: RecordType,
         original_subject: &str,
-        rejected: &Rejected,
+        rejected: &[Rejected],
     ) -> bool {
-        self.metrics
-            .rejected(record_type, original_subject, &rejected.reject);
+        if rejected.is_empty() {
+            return true;
+        }
+        self.metrics.rejected(
+            record_type,
+            original_subject,
+            rejected.iter().map(|r| &r.reject),
+        );
         let subject = format!("{}.dlq.{}", self.subject_prefix, record_type.name());
+        let publishes = rejected
+            .iter()
+            .map(|r| self.publish(subject.clone(), original_subject, r));
+        let failures: Vec<String> = futures::future::join_all(publishes)
+            .await
+            .into_iter()
+            .filter_map(Result::err)
+            .collect();
+        match failures.first() {
+            None => true,
+            Some(error) => {
+                self.metrics
+                    .dead_letters_failed(record_type, failures.len(), error);
+                false
+            }
+        }
+    }
+
+    async fn publish(
+        &self,
+        subject: String,
+        original_subject: &str,
+        rejected: &Rejected,
+    ) -> Result<(), String> {
         let mut headers = HeaderMap::new();
         headers.insert(REASON_HEADER, rejected.reject.reason.as_str());
         // Header values are one line of printable text.
@@ -65,7 +95,7 @@ impl DeadLetters {
         headers.insert(DETAIL_HEADER, detail.as_str());
         headers.insert(ORIGINAL_SUBJECT_HEADER, original_subject);
         let payload = rejected.payload.clone();
-        let result = match &self.jetstream {
+        match &self.jetstream {
             Some(js) => match js.publish_with_headers(subject, headers, payload).await {
                 Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
@@ -75,13 +105,6 @@ impl DeadLetters {
                 .publish_with_headers(subject, headers, payload)
                 .await
                 .map_err(|e| e.to_string()),
-        };
-        match result {
-            Ok(()) => true,
-            Err(error) => {
-                self.metrics.dead_letter_failed(record_type, &error);
-                false
-            }
         }
     }
 }

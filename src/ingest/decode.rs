@@ -2,6 +2,7 @@
 //! against its type's [`RecordSpec`]. Nothing in a payload can panic here.
 
 use bytes::Bytes;
+use serde_json::value::RawValue;
 use serde_json::Value as Json;
 
 use crate::records::{RecordSpec, Reject, RejectReason, Value};
@@ -52,19 +53,16 @@ pub fn decode(spec: &RecordSpec, payload: &Bytes, limits: Limits) -> Decoded {
             payload,
         );
     }
+    let is_array = payload
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'[');
+    if is_array {
+        return decode_array(spec, payload, limits);
+    }
     // serde_json refuses nesting deeper than 128 levels with an error, not a stack overflow.
-    let json: Json = match serde_json::from_slice(payload) {
-        Ok(json) => json,
-        Err(e) => {
-            return Decoded::whole(
-                RejectReason::InvalidJson,
-                format!("payload is not valid JSON: {e}"),
-                payload,
-            )
-        }
-    };
-    match json {
-        Json::Object(_) => match spec.parse_record(&json) {
+    match serde_json::from_slice::<Json>(payload) {
+        Ok(json @ Json::Object(_)) => match spec.parse_record(&json) {
             Ok(row) => Decoded {
                 rows: vec![row],
                 rejected: Vec::new(),
@@ -77,12 +75,39 @@ pub fn decode(spec: &RecordSpec, payload: &Bytes, limits: Limits) -> Decoded {
                 }],
             },
         },
-        Json::Array(records) if records.is_empty() => Decoded::whole(
+        Ok(_) => Decoded::whole(
+            RejectReason::InvalidShape,
+            "payload must be a record object or an array of record objects",
+            payload,
+        ),
+        Err(e) => invalid_json(&e, payload),
+    }
+}
+
+fn invalid_json(error: &serde_json::Error, payload: &Bytes) -> Decoded {
+    Decoded::whole(
+        RejectReason::InvalidJson,
+        format!("payload is not valid JSON: {error}"),
+        payload,
+    )
+}
+
+/// An array: each record is checked alone, and a rejected record goes to the
+/// dead letters as its original JSON text.
+fn decode_array(spec: &RecordSpec, payload: &Bytes, limits: Limits) -> Decoded {
+    let records: Vec<&RawValue> = match serde_json::from_slice(payload) {
+        Ok(records) => records,
+        Err(e) => return invalid_json(&e, payload),
+    };
+    if records.is_empty() {
+        return Decoded::whole(
             RejectReason::EmptyMessage,
             "the array holds no record",
             payload,
-        ),
-        Json::Array(records) if records.len() > limits.max_records_per_message => Decoded::whole(
+        );
+    }
+    if records.len() > limits.max_records_per_message {
+        return Decoded::whole(
             RejectReason::TooManyRecords,
             format!(
                 "{} records, more than ingest.max_records_per_message ({})",
@@ -90,29 +115,25 @@ pub fn decode(spec: &RecordSpec, payload: &Bytes, limits: Limits) -> Decoded {
                 limits.max_records_per_message
             ),
             payload,
-        ),
-        Json::Array(records) => {
-            let mut decoded = Decoded {
-                rows: Vec::with_capacity(records.len()),
-                rejected: Vec::new(),
-            };
-            for record in &records {
-                match spec.parse_record(record) {
-                    Ok(row) => decoded.rows.push(row),
-                    Err(reject) => decoded.rejected.push(Rejected {
-                        reject,
-                        payload: Bytes::from(serde_json::to_vec(record).unwrap_or_default()),
-                    }),
-                }
-            }
-            decoded
-        }
-        _ => Decoded::whole(
-            RejectReason::InvalidShape,
-            "payload must be a record object or an array of record objects",
-            payload,
-        ),
+        );
     }
+    let mut decoded = Decoded {
+        rows: Vec::with_capacity(records.len()),
+        rejected: Vec::new(),
+    };
+    for raw in records {
+        let parsed = serde_json::from_str::<Json>(raw.get())
+            .map_err(|e| Reject::new(RejectReason::InvalidJson, e.to_string()))
+            .and_then(|record| spec.parse_record(&record));
+        match parsed {
+            Ok(row) => decoded.rows.push(row),
+            Err(reject) => decoded.rejected.push(Rejected {
+                reject,
+                payload: Bytes::copy_from_slice(raw.get().as_bytes()),
+            }),
+        }
+    }
+    decoded
 }
 
 #[cfg(test)]

@@ -40,6 +40,12 @@ pub enum IngestError {
         missing: String,
         existing: String,
     },
+    #[error("NATS refused to create stream {stream} on [{subjects}]: {message}; if another stream already holds these subjects, remove it or set ingest.stream / ingest.subject_prefix")]
+    StreamRefused {
+        stream: String,
+        subjects: String,
+        message: String,
+    },
     #[error("JetStream consumer {consumer}: {message}")]
     Consumer { consumer: String, message: String },
 }
@@ -82,6 +88,7 @@ impl Ingest {
             batch_size: self.config.batch_size,
             max_batch_rows: self.config.max_batch_rows,
             flush_interval: self.config.flush_interval(),
+            ack_wait: self.config.ack_wait(),
         };
         let mut sources = JoinSet::new();
         let mut batchers = JoinSet::new();
@@ -132,7 +139,9 @@ impl Ingest {
         loop {
             match source::ensure_streams(js, &self.config).await {
                 Ok(()) => return Ok(true),
-                Err(e @ IngestError::StreamMismatch { .. }) => return Err(e),
+                Err(
+                    e @ (IngestError::StreamMismatch { .. } | IngestError::StreamRefused { .. }),
+                ) => return Err(e),
                 Err(e) => {
                     tracing::warn!(error = %e, "JetStream not available yet; retrying");
                     tokio::select! {

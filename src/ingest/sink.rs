@@ -8,6 +8,7 @@
 //! Duplicate keys within the batch are resolved in memory first.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +22,9 @@ use crate::ingest::batcher::Delivery;
 use crate::ingest::dead_letter::DeadLetters;
 use crate::ingest::decode::Rejected;
 use crate::ops::metrics::{FlushTrigger, Metrics};
-use crate::records::{Conflict, RecordSpec, RecordType, Reject, RejectReason, Value};
+use crate::records::{
+    write_copy_row, Conflict, RecordSpec, RecordType, Reject, RejectReason, Value,
+};
 use crate::retry::Backoff;
 
 /// One row ready for COPY, with the sequence that orders its versions.
@@ -77,27 +80,41 @@ impl Statements {
             ),
             copy_staging: format!("COPY {staging} ({column_list}) FROM STDIN"),
             merge: format!(
+                // Ordered by key so replicas merging the same keys lock rows in
+                // the same order and cannot deadlock each other.
                 "INSERT INTO {table} ({column_list}) SELECT {column_list} FROM {staging} \
-                 ON CONFLICT ({key}) {on_conflict}"
+                 ORDER BY {key} ON CONFLICT ({key}) {on_conflict}"
             ),
         }
     }
 }
 
-/// What became of a batch.
-enum FlushOutcome {
-    Committed,
-    /// Shutdown's grace period ended while the database was unavailable:
-    /// not acknowledged, so JetStream delivers it again later.
-    Abandoned,
+/// How writing some rows ended, after every retry.
+enum WriteOutcome {
+    Written,
+    /// PostgreSQL refused the data itself: retrying the same rows cannot help.
+    Refused,
+    /// Shutdown's grace period ended first: nothing is acknowledged, so
+    /// JetStream delivers the messages again later.
+    GaveUp,
 }
 
-/// What became of rows written on their own, to single out bad ones.
-enum RowsOutcome {
-    Written,
-    Refused,
-    Abandoned,
+/// Why one write attempt failed.
+#[derive(Debug, thiserror::Error)]
+enum WriteError {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error("the write took longer than {0:?}; is the database overloaded or unreachable?")]
+    TimedOut(Duration),
 }
+
+/// A write that takes longer than this is abandoned and retried: a database
+/// that stops answering must not hold a type's queue for the TCP timeout.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// After a direct COPY hit a key conflict, this many batches go straight to
+/// the staging merge before the direct path is tried again (re-published
+/// candles conflict on nearly every batch).
+const MERGE_STREAK: u32 = 16;
 
 pub struct Sink {
     spec: &'static RecordSpec,
@@ -108,6 +125,8 @@ pub struct Sink {
     ack_wait: Duration,
     /// Fired when shutdown can wait no longer for the database.
     give_up: CancellationToken,
+    /// Batches left to send straight to the staging merge.
+    merges_ahead: AtomicU32,
 }
 
 impl Sink {
@@ -128,6 +147,7 @@ impl Sink {
             dead_letters,
             ack_wait,
             give_up,
+            merges_ahead: AtomicU32::new(0),
         }
     }
 
@@ -138,56 +158,63 @@ impl Sink {
     /// Writes the batch (retrying while the database is unavailable), then
     /// acknowledges its messages. Dropping the batch frees its queue room.
     pub async fn flush(&self, batch: Vec<Delivery>, trigger: FlushTrigger) {
+        let started = Instant::now();
         let rows = batch.iter().map(|d| d.rows.len()).sum::<usize>();
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        let mut last_progress = Instant::now();
-        loop {
-            let started = Instant::now();
-            let staged = self.stage(&batch);
-            match self.write(&staged).await {
-                Ok(()) => {
-                    self.metrics.flushed(
-                        self.record_type(),
-                        trigger,
-                        rows,
-                        batch.len(),
-                        started.elapsed(),
-                    );
-                    acknowledge(&batch).await;
-                    return;
-                }
-                Err(e) if is_data_error(&e) => {
-                    drop(staged);
-                    self.write_isolating_bad_rows(&batch, trigger).await;
-                    acknowledge(&batch).await;
-                    return;
-                }
-                Err(e) => {
-                    let delay = backoff.next_delay();
-                    self.metrics
-                        .flush_failed(self.record_type(), rows, delay, &e);
-                    if last_progress.elapsed() >= self.ack_wait / 3 {
-                        // Keep JetStream from redelivering what we still hold.
-                        progress(&batch).await;
-                        last_progress = Instant::now();
-                    }
-                    if let FlushOutcome::Abandoned = self.wait(delay).await {
-                        tracing::warn!(
-                            r#type = self.record_type().name(),
-                            rows,
-                            "shutting down with the database unavailable: leaving the batch unacknowledged for redelivery"
-                        );
-                        return;
-                    }
-                }
+        let data = self.encode(&self.stage(&batch));
+        match self.write_retrying(&data, rows, &batch).await {
+            WriteOutcome::Written => {
+                self.metrics.flushed(
+                    self.record_type(),
+                    trigger,
+                    rows,
+                    batch.len(),
+                    started.elapsed(),
+                );
+                acknowledge(&batch).await;
             }
+            WriteOutcome::Refused => {
+                self.write_isolating_bad_rows(&batch, trigger, started)
+                    .await
+            }
+            WriteOutcome::GaveUp => self.gave_up(rows),
         }
     }
 
-    async fn wait(&self, delay: Duration) -> FlushOutcome {
-        tokio::select! {
-            _ = self.give_up.cancelled() => FlushOutcome::Abandoned,
-            _ = tokio::time::sleep(delay) => FlushOutcome::Committed,
+    fn gave_up(&self, rows: usize) {
+        tracing::warn!(
+            r#type = self.record_type().name(),
+            rows,
+            "shutting down with the database unavailable: leaving the rows unacknowledged for redelivery"
+        );
+    }
+
+    /// Writes encoded rows, retrying with backoff everything but a refusal of
+    /// the data, and keeping the `held` messages from being redelivered meanwhile.
+    async fn write_retrying(&self, data: &str, rows: usize, held: &[Delivery]) -> WriteOutcome {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut last_progress = Instant::now();
+        loop {
+            let attempt = tokio::select! {
+                _ = self.give_up.cancelled() => return WriteOutcome::GaveUp,
+                attempt = tokio::time::timeout(WRITE_TIMEOUT, self.write(data)) => attempt,
+            };
+            let error = match attempt {
+                Ok(Ok(())) => return WriteOutcome::Written,
+                Ok(Err(e)) if is_data_error(&e) => return WriteOutcome::Refused,
+                Ok(Err(e)) => WriteError::Database(e),
+                Err(_) => WriteError::TimedOut(WRITE_TIMEOUT),
+            };
+            let delay = backoff.next_delay();
+            self.metrics
+                .flush_failed(self.record_type(), rows, delay, &error);
+            if last_progress.elapsed() >= self.ack_wait / 3 {
+                progress(held).await;
+                last_progress = Instant::now();
+            }
+            tokio::select! {
+                _ = self.give_up.cancelled() => return WriteOutcome::GaveUp,
+                _ = tokio::time::sleep(delay) => {}
+            }
         }
     }
 
@@ -227,34 +254,34 @@ impl Sink {
 
     fn encode(&self, rows: &[StagedRow<'_>]) -> String {
         let mut data = String::with_capacity(rows.len() * 96);
+        let newest_wins = self.spec.conflict == Conflict::NewestWins;
         for row in rows {
-            for (i, value) in row.values.iter().enumerate() {
-                if i > 0 {
-                    data.push('\t');
-                }
-                value.write_copy_text(&mut data);
-            }
-            if self.spec.conflict == Conflict::NewestWins {
-                data.push('\t');
-                match row.stream_seq {
-                    Some(seq) => data.push_str(&seq.to_string()),
-                    None => data.push_str("\\N"),
-                }
-            }
-            data.push('\n');
+            let stream_seq = newest_wins.then_some(match row.stream_seq {
+                Some(seq) => Value::Int(seq as i64),
+                None => Value::Null,
+            });
+            write_copy_row(row.values.iter().chain(stream_seq.as_ref()), &mut data);
         }
         data
     }
 
     /// One transaction: the direct COPY, or on a key conflict the staging merge.
-    async fn write(&self, rows: &[StagedRow<'_>]) -> Result<(), sqlx::Error> {
-        let data = self.encode(rows);
+    async fn write(&self, data: &str) -> Result<(), sqlx::Error> {
         let mut conn = self.db.pool.acquire().await?;
-        let mut tx = conn.begin().await?;
-        match copy(&mut tx, &self.statements.copy_direct, &data).await {
-            Ok(()) => return tx.commit().await,
-            Err(e) if !is_unique_violation(&e) => return Err(e),
-            Err(_) => tx.rollback().await?,
+        let merge_now = self
+            .merges_ahead
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if !merge_now {
+            let mut tx = conn.begin().await?;
+            match copy(&mut tx, &self.statements.copy_direct, data).await {
+                Ok(()) => return tx.commit().await,
+                Err(e) if !is_unique_violation(&e) => return Err(e),
+                Err(_) => {
+                    tx.rollback().await?;
+                    self.merges_ahead.store(MERGE_STREAK, Ordering::Relaxed);
+                }
+            }
         }
         let mut tx = conn.begin().await?;
         // The staging table usually exists already on this connection: no notice for that.
@@ -264,7 +291,7 @@ impl Sink {
         sqlx::query(&self.statements.create_staging)
             .execute(&mut *tx)
             .await?;
-        copy(&mut tx, &self.statements.copy_staging, &data).await?;
+        copy(&mut tx, &self.statements.copy_staging, data).await?;
         sqlx::query(&self.statements.merge)
             .execute(&mut *tx)
             .await?;
@@ -272,39 +299,60 @@ impl Sink {
     }
 
     /// PostgreSQL refused data that passed validation: write each message,
-    /// then each row, alone, and dead-letter the rows it refuses, so one bad
-    /// row never blocks the queue.
-    async fn write_isolating_bad_rows(&self, batch: &[Delivery], trigger: FlushTrigger) {
-        let started = Instant::now();
+    /// then each of its rows, alone; dead-letter the rows it refuses, so one
+    /// bad row never blocks the queue. Each message is acknowledged once its
+    /// rows are written or dead-lettered.
+    async fn write_isolating_bad_rows(
+        &self,
+        batch: &[Delivery],
+        trigger: FlushTrigger,
+        started: Instant,
+    ) {
         let mut written = 0;
-        for delivery in batch {
-            let rows = self.stage(std::slice::from_ref(delivery));
-            match self.write_until_done(&rows).await {
-                RowsOutcome::Written => {
-                    written += delivery.rows.len();
-                    continue;
+        for (done, delivery) in batch.iter().enumerate() {
+            let staged = self.stage(std::slice::from_ref(delivery));
+            let held = std::slice::from_ref(delivery);
+            let mut dead_lettered = true;
+            match self
+                .write_retrying(&self.encode(&staged), staged.len(), held)
+                .await
+            {
+                WriteOutcome::Written => written += staged.len(),
+                WriteOutcome::GaveUp => {
+                    self.gave_up(batch[done..].iter().map(|d| d.rows.len()).sum());
+                    break;
                 }
-                RowsOutcome::Abandoned => return,
-                RowsOutcome::Refused => {}
-            }
-            for row in rows {
-                match self.write_until_done(std::slice::from_ref(&row)).await {
-                    RowsOutcome::Written => written += 1,
-                    RowsOutcome::Refused => {
-                        let record = self.record_json(row.values);
-                        let rejected = Rejected {
-                            reject: Reject::new(
-                                RejectReason::DatabaseRejected,
-                                "PostgreSQL refused the row",
-                            ),
-                            payload: record.into(),
-                        };
-                        self.dead_letters
-                            .send(self.record_type(), &delivery.subject, &rejected)
-                            .await;
+                WriteOutcome::Refused => {
+                    for row in &staged {
+                        let one = self.encode(std::slice::from_ref(row));
+                        match self.write_retrying(&one, 1, held).await {
+                            WriteOutcome::Written => written += 1,
+                            WriteOutcome::Refused => {
+                                let rejected = Rejected {
+                                    reject: Reject::new(
+                                        RejectReason::DatabaseRejected,
+                                        "PostgreSQL refused the row",
+                                    ),
+                                    payload: self.record_json(row.values).into(),
+                                };
+                                dead_lettered &= self
+                                    .dead_letters
+                                    .send_all(self.record_type(), &delivery.subject, &[rejected])
+                                    .await;
+                            }
+                            WriteOutcome::GaveUp => {
+                                self.gave_up(batch[done..].iter().map(|d| d.rows.len()).sum());
+                                return;
+                            }
+                        }
                     }
-                    RowsOutcome::Abandoned => return,
                 }
+            }
+            if dead_lettered {
+                acknowledge(held).await;
+            } else {
+                // A refused row could not be dead-lettered: have it delivered again.
+                retry_later(held).await;
             }
         }
         self.metrics.flushed(
@@ -314,25 +362,6 @@ impl Sink {
             batch.len(),
             started.elapsed(),
         );
-    }
-
-    /// Writes the rows, retrying everything but a refusal of the data itself.
-    async fn write_until_done(&self, rows: &[StagedRow<'_>]) -> RowsOutcome {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        loop {
-            match self.write(rows).await {
-                Ok(()) => return RowsOutcome::Written,
-                Err(e) if is_data_error(&e) => return RowsOutcome::Refused,
-                Err(e) => {
-                    let delay = backoff.next_delay();
-                    self.metrics
-                        .flush_failed(self.record_type(), rows.len(), delay, &e);
-                    if let FlushOutcome::Abandoned = self.wait(delay).await {
-                        return RowsOutcome::Abandoned;
-                    }
-                }
-            }
-        }
     }
 
     fn record_json(&self, values: &[Value]) -> Vec<u8> {
@@ -385,7 +414,19 @@ async fn acknowledge(batch: &[Delivery]) {
     }
 }
 
-async fn progress(batch: &[Delivery]) {
+/// How long a message whose refused row could not be dead-lettered waits before redelivery.
+const REDELIVER_AFTER: Duration = Duration::from_secs(5);
+
+async fn retry_later(batch: &[Delivery]) {
+    for delivery in batch {
+        if let Some(ack) = &delivery.ack {
+            let _ = ack.ack_with(AckKind::Nak(Some(REDELIVER_AFTER))).await;
+        }
+    }
+}
+
+/// Tells JetStream the messages are still being worked on (resets their ack wait).
+pub async fn progress<'a>(batch: impl IntoIterator<Item = &'a Delivery>) {
     for delivery in batch {
         if let Some(ack) = &delivery.ack {
             let _ = ack.ack_with(AckKind::Progress).await;

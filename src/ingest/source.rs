@@ -44,46 +44,79 @@ pub async fn ensure_streams(
     js: &jetstream::Context,
     config: &IngestConfig,
 ) -> Result<(), IngestError> {
-    let wanted: Vec<String> = RecordType::ALL
+    let feed: Vec<String> = RecordType::ALL
         .iter()
         .map(|t| type_subject(&config.subject_prefix, *t))
         .collect();
-    let max_age = Duration::from_secs(config.stream_max_age_secs);
-    let streams = [
-        (config.stream.clone(), wanted),
-        (
-            format!("{}_DLQ", config.stream),
-            vec![format!("{}.dlq.>", config.subject_prefix)],
-        ),
-    ];
-    for (name, subjects) in streams {
-        let stream = js
-            .get_or_create_stream(StreamConfig {
-                name: name.clone(),
-                subjects: subjects.clone(),
-                storage: StorageType::File,
-                max_age,
-                max_bytes: config.stream_max_bytes,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| IngestError::Stream {
-                stream: name.clone(),
-                message: e.to_string(),
-            })?;
-        let existing = &stream.cached_info().config.subjects;
-        if let Some(missing) = subjects
-            .iter()
-            .find(|s| !existing.iter().any(|e| subject_covers(e, s)))
-        {
-            return Err(IngestError::StreamMismatch {
-                stream: name,
-                missing: missing.clone(),
-                existing: existing.join(", "),
-            });
-        }
+    let feed_subjects = ensure_stream(js, config, config.stream.clone(), feed).await?;
+    let dead_letters = format!("{}.dlq.>", config.subject_prefix);
+    if feed_subjects
+        .iter()
+        .any(|s| subject_covers(s, &dead_letters))
+    {
+        // The feed stream (e.g. on `md.>`) keeps the dead letters already; a
+        // second stream on the same subjects would be refused by the server.
+        tracing::info!(stream = %config.stream, "the feed stream keeps the dead letters too");
+        return Ok(());
     }
+    ensure_stream(
+        js,
+        config,
+        format!("{}_DLQ", config.stream),
+        vec![dead_letters],
+    )
+    .await?;
     Ok(())
+}
+
+/// Creates the stream if it does not exist; returns the subjects it has.
+async fn ensure_stream(
+    js: &jetstream::Context,
+    config: &IngestConfig,
+    name: String,
+    subjects: Vec<String>,
+) -> Result<Vec<String>, IngestError> {
+    use async_nats::jetstream::context::CreateStreamErrorKind as Kind;
+    let created = js
+        .get_or_create_stream(StreamConfig {
+            name: name.clone(),
+            subjects: subjects.clone(),
+            storage: StorageType::File,
+            max_age: Duration::from_secs(config.stream_max_age_secs),
+            max_bytes: config.stream_max_bytes,
+            ..Default::default()
+        })
+        .await;
+    let stream = match created {
+        Ok(stream) => stream,
+        // The server answered and refused (e.g. the subjects overlap another
+        // stream): retrying cannot help, the operator must change something.
+        Err(e) if matches!(e.kind(), Kind::JetStream(_) | Kind::InvalidStreamName) => {
+            return Err(IngestError::StreamRefused {
+                stream: name,
+                subjects: subjects.join(", "),
+                message: e.to_string(),
+            })
+        }
+        Err(e) => {
+            return Err(IngestError::Stream {
+                stream: name,
+                message: e.to_string(),
+            })
+        }
+    };
+    let existing = stream.cached_info().config.subjects.clone();
+    if let Some(missing) = subjects
+        .iter()
+        .find(|s| !existing.iter().any(|e| subject_covers(e, s)))
+    {
+        return Err(IngestError::StreamMismatch {
+            stream: name,
+            missing: missing.clone(),
+            existing: existing.join(", "),
+        });
+    }
+    Ok(existing)
 }
 
 /// Whether the subject pattern `pattern` matches every subject `subject` does.
@@ -131,18 +164,17 @@ impl Source {
     ) -> bool {
         self.metrics.message_received(self.record_type);
         let decoded = decode(self.record_type.spec(), payload, self.limits());
-        let mut dead_lettered = true;
-        for rejected in &decoded.rejected {
-            dead_lettered &= self
-                .dead_letters
-                .send(self.record_type, subject, rejected)
-                .await;
-        }
+        let dead_lettered = self
+            .dead_letters
+            .send_all(self.record_type, subject, &decoded.rejected)
+            .await;
         if !dead_lettered {
             if let Some(ack) = &ack {
+                // The rejections are not stored yet: have the message delivered again.
                 let _ = ack.ack_with(AckKind::Nak(Some(DEAD_LETTER_RETRY))).await;
+                return true;
             }
-            return true;
+            // Core mode has no redelivery: the valid rows are still written.
         }
         if decoded.rows.is_empty() {
             if let Some(ack) = &ack {

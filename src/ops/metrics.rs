@@ -250,28 +250,52 @@ impl Metrics {
             .inc();
     }
 
-    pub fn rejected(&self, record_type: RecordType, subject: &str, reject: &Reject) {
+    /// The rejected input of one message: counted per reason, logged once.
+    pub fn rejected<'a>(
+        &self,
+        record_type: RecordType,
+        subject: &str,
+        rejects: impl IntoIterator<Item = &'a Reject>,
+    ) {
+        let mut by_reason: Vec<(RejectReason, usize)> = Vec::new();
+        let mut first_detail = None;
+        for reject in rejects {
+            first_detail.get_or_insert(reject.detail.as_str());
+            match by_reason.iter_mut().find(|(r, _)| *r == reject.reason) {
+                Some((_, n)) => *n += 1,
+                None => by_reason.push((reject.reason, 1)),
+            }
+        }
+        let Some(detail) = first_detail else { return };
+        let mut reasons = String::new();
+        for (reason, n) in &by_reason {
+            self.rejected
+                .with_label_values(&[record_type.name(), reason.as_str()])
+                .inc_by(*n as u64);
+            if !reasons.is_empty() {
+                reasons.push_str(", ");
+            }
+            reasons.push_str(&format!("{}={n}", reason.as_str()));
+        }
         tracing::warn!(
             r#type = record_type.name(),
-            reason = reject.reason.as_str(),
             subject,
-            detail = %reject.detail,
+            reasons,
+            detail,
             "rejected input, sending it to the dead-letter subject"
         );
-        self.rejected
-            .with_label_values(&[record_type.name(), reject.reason.as_str()])
-            .inc();
     }
 
-    pub fn dead_letter_failed(&self, record_type: RecordType, error: &str) {
+    pub fn dead_letters_failed(&self, record_type: RecordType, failed: usize, error: &str) {
         tracing::error!(
             r#type = record_type.name(),
+            failed,
             error,
-            "could not publish a dead letter"
+            "could not publish dead letters"
         );
         self.dead_letters_failed
             .with_label_values(&[record_type.name()])
-            .inc();
+            .inc_by(failed as u64);
     }
 
     pub fn flushed(

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, Utc};
 use serde_json::Value as Json;
 
 /// Why a record (or a whole message) was not written: the metric's `reason`
@@ -153,6 +153,17 @@ impl Value {
     }
 }
 
+/// Appends one COPY text row: the values tab-separated, then a newline.
+pub fn write_copy_row<'a>(values: impl IntoIterator<Item = &'a Value>, out: &mut String) {
+    for (i, value) in values.into_iter().enumerate() {
+        if i > 0 {
+            out.push('\t');
+        }
+        value.write_copy_text(out);
+    }
+    out.push('\n');
+}
+
 /// RFC 3339 in UTC with as many fractional digits as needed (`...Z`).
 pub fn format_timestamp(ts: &DateTime<Utc>) -> String {
     ts.to_rfc3339_opts(SecondsFormat::AutoSi, true)
@@ -173,6 +184,9 @@ pub fn parse_timestamp(json: &Json) -> Result<DateTime<Utc>, String> {
         }
         _ => return Err("must be an RFC 3339 string or epoch milliseconds".into()),
     };
+    if parsed.year() < 1 {
+        return Err("is before year 1, which PostgreSQL cannot store".into());
+    }
     let micros = parsed.timestamp_micros();
     // PostgreSQL's timestamptz range, roughly: refuse what it could not store.
     if !(-210_000_000_000_000_000..=9_000_000_000_000_000_000).contains(&micros)
@@ -280,6 +294,14 @@ mod tests {
         assert!(parse_timestamp(&json!(1.5)).is_err());
         assert!(parse_timestamp(&json!(i64::MAX)).is_err());
         assert!(parse_timestamp(&json!(true)).is_err());
+        assert!(
+            parse_timestamp(&json!(-62_167_219_200_000i64)).is_err(),
+            "year 0"
+        );
+        assert!(
+            parse_timestamp(&json!(-62_135_596_800_000i64)).is_ok(),
+            "year 1"
+        );
     }
 
     #[test]

@@ -5,7 +5,8 @@
 mod field;
 
 pub use field::{
-    format_timestamp, is_symbol, parse_timestamp, FieldType, Reject, RejectReason, Value,
+    format_timestamp, is_symbol, parse_timestamp, write_copy_row, FieldType, Reject, RejectReason,
+    Value,
 };
 
 use serde_json::{Map, Value as Json};
@@ -214,12 +215,6 @@ impl RecordType {
     pub fn from_name(name: &str) -> Option<RecordType> {
         Self::ALL.into_iter().find(|t| t.name() == name)
     }
-
-    pub fn from_history_kind(kind: &str) -> Option<RecordType> {
-        Self::ALL
-            .into_iter()
-            .find(|t| t.spec().history_kind == kind)
-    }
 }
 
 impl RecordSpec {
@@ -282,7 +277,6 @@ mod tests {
             assert_eq!(spec.key_positions().len(), spec.key.len());
             assert_eq!(spec.fields[1].name, "timestamp");
             assert_eq!(RecordType::from_name(t.name()), Some(t));
-            assert_eq!(RecordType::from_history_kind(spec.history_kind), Some(t));
         }
     }
 
