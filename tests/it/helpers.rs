@@ -269,6 +269,30 @@ impl TestApp {
             .sequence
     }
 
+    /// Publishes one JSON payload to `<prefix>.<type>.<symbol>`; returns its stream sequence.
+    pub async fn publish_json(
+        &self,
+        record_type: &str,
+        symbol: &str,
+        payload: &serde_json::Value,
+    ) -> u64 {
+        self.publish(self.subject(record_type, symbol), payload.to_string())
+            .await
+    }
+
+    /// The JetStream state of a type's durable consumer (`tickvault-<type>`).
+    pub async fn consumer_info(&self, record_type: &str) -> jetstream::consumer::Info {
+        let mut consumer: jetstream::consumer::PullConsumer = self
+            .js
+            .get_stream(&self.config.ingest.stream)
+            .await
+            .expect("the feed stream exists")
+            .get_consumer(&format!("tickvault-{record_type}"))
+            .await
+            .expect("the consumer exists");
+        consumer.info().await.expect("consumer info").clone()
+    }
+
     pub async fn count(&self, table: &str) -> i64 {
         sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
             .fetch_one(&self.pool)

@@ -191,11 +191,8 @@ async fn a_full_batch_flushes_before_the_interval() {
         let records: Vec<Value> = (0..100)
             .map(|i| tick("FPT", T0, m * 100 + i, 10.0))
             .collect();
-        app.publish(
-            app.subject("tick", "FPT"),
-            Value::Array(records).to_string(),
-        )
-        .await;
+        app.publish_json("tick", "FPT", &Value::Array(records))
+            .await;
     }
     app.wait_for_rows("tick_data", 500).await;
     assert_eq!(tick_flushes(&app, "size").await, 1.0);
@@ -211,11 +208,8 @@ async fn a_few_rows_flush_when_the_interval_ends() {
     .await;
     let started = Instant::now();
     for seq in 0..3 {
-        app.publish(
-            app.subject("tick", "VNM"),
-            tick("VNM", T0, seq, 70.0).to_string(),
-        )
-        .await;
+        app.publish_json("tick", "VNM", &tick("VNM", T0, seq, 70.0))
+            .await;
     }
     app.wait_for_rows("tick_data", 3).await;
     let elapsed = started.elapsed();
@@ -232,6 +226,16 @@ async fn tick_flushes(app: &crate::helpers::TestApp, trigger: &str) -> f64 {
     app.metric(
         "tickvault_flushes_total",
         &[("type", "tick"), ("trigger", trigger)],
+    )
+    .await
+}
+
+/// Waits until the stored candle at T0 is `expected` (close, stream_seq).
+async fn wait_for_candle(app: &crate::helpers::TestApp, symbol: &str, expected: (f64, i64)) {
+    wait_for(
+        Duration::from_secs(20),
+        "the expected candle version",
+        || async { (candle_close(&app.pool, symbol, T0).await == expected).then_some(()) },
     )
     .await
 }
@@ -256,15 +260,17 @@ async fn ticks_keep_the_first_and_other_types_keep_the_newest() {
     let app = spawn_app(|c| c.ingest.flush_interval_ms = 100).await;
     // Within one message (one batch): a repeated tick key keeps the first,
     // a repeated candle key keeps the later record.
-    app.publish(
-        app.subject("tick", "FPT"),
-        json!([tick("FPT", T0, 1, 10.0), tick("FPT", T0, 1, 99.0)]).to_string(),
+    app.publish_json(
+        "tick",
+        "FPT",
+        &json!([tick("FPT", T0, 1, 10.0), tick("FPT", T0, 1, 99.0)]),
     )
     .await;
     let seq = app
-        .publish(
-            app.subject("candle", "FPT"),
-            json!([candle("FPT", T0, 11.0), candle("FPT", T0, 12.0)]).to_string(),
+        .publish_json(
+            "candle",
+            "FPT",
+            &json!([candle("FPT", T0, 11.0), candle("FPT", T0, 12.0)]),
         )
         .await;
     app.wait_for_rows("tick_data", 1).await;
@@ -272,21 +278,12 @@ async fn ticks_keep_the_first_and_other_types_keep_the_newest() {
     assert_eq!(candle_close(&app.pool, "FPT", T0).await, (12.0, seq as i64));
 
     // Across batches: the stored tick stays, the newer candle replaces the stored one.
-    app.publish(
-        app.subject("tick", "FPT"),
-        tick("FPT", T0, 1, 55.0).to_string(),
-    )
-    .await;
-    let seq = app
-        .publish(
-            app.subject("candle", "FPT"),
-            candle("FPT", T0, 13.0).to_string(),
-        )
+    app.publish_json("tick", "FPT", &tick("FPT", T0, 1, 55.0))
         .await;
-    wait_for(Duration::from_secs(20), "the newer candle", || async {
-        (candle_close(&app.pool, "FPT", T0).await == (13.0, seq as i64)).then_some(())
-    })
-    .await;
+    let seq = app
+        .publish_json("candle", "FPT", &candle("FPT", T0, 13.0))
+        .await;
+    wait_for_candle(&app, "FPT", (13.0, seq as i64)).await;
     wait_for(
         Duration::from_secs(20),
         "the repeated tick to be processed",
@@ -315,19 +312,13 @@ async fn redelivered_messages_never_duplicate_rows_or_restore_old_versions() {
     let mut newest = 0;
     for version in 1..=3 {
         newest = first
-            .publish(
-                first.subject("candle", "FPT"),
-                candle("FPT", T0, version as f64).to_string(),
-            )
+            .publish_json("candle", "FPT", &candle("FPT", T0, version as f64))
             .await;
         let ticks: Vec<Value> = (0..50)
             .map(|i| tick("FPT", T0, version * 100 + i, 10.0))
             .collect();
         first
-            .publish(
-                first.subject("tick", "FPT"),
-                Value::Array(ticks).to_string(),
-            )
+            .publish_json("tick", "FPT", &Value::Array(ticks))
             .await;
     }
     first.wait_for_rows("tick_data", 150).await;
@@ -352,18 +343,12 @@ async fn redelivered_messages_never_duplicate_rows_or_restore_old_versions() {
     }
     // Meanwhile the feed moves on: a newer version and new ticks.
     let v4 = first
-        .publish(
-            first.subject("candle", "FPT"),
-            candle("FPT", T0, 4.0).to_string(),
-        )
+        .publish_json("candle", "FPT", &candle("FPT", T0, 4.0))
         .await;
     assert!(v4 > newest);
     let ticks: Vec<Value> = (0..50).map(|i| tick("FPT", T0, 400 + i, 10.0)).collect();
     first
-        .publish(
-            first.subject("tick", "FPT"),
-            Value::Array(ticks).to_string(),
-        )
+        .publish_json("tick", "FPT", &Value::Array(ticks))
         .await;
 
     let db = first.take_database();
@@ -402,21 +387,12 @@ async fn redelivered_messages_never_duplicate_rows_or_restore_old_versions() {
 async fn an_older_version_redelivered_after_a_newer_one_is_ignored() {
     let app = spawn_app(|c| c.ingest.flush_interval_ms = 100).await;
     let old = app
-        .publish(
-            app.subject("candle", "HPG"),
-            candle("HPG", T0, 1.0).to_string(),
-        )
+        .publish_json("candle", "HPG", &candle("HPG", T0, 1.0))
         .await;
     let new = app
-        .publish(
-            app.subject("candle", "HPG"),
-            candle("HPG", T0, 2.0).to_string(),
-        )
+        .publish_json("candle", "HPG", &candle("HPG", T0, 2.0))
         .await;
-    wait_for(Duration::from_secs(20), "the newest version", || async {
-        (candle_close(&app.pool, "HPG", T0).await == (2.0, new as i64)).then_some(())
-    })
-    .await;
+    wait_for_candle(&app, "HPG", (2.0, new as i64)).await;
     // A replica that committed the newer version first, then the older one
     // arriving late: the stored row keeps the higher sequence.
     sqlx::query("UPDATE candles_1m SET close = 3.0, stream_seq = $1")
@@ -474,35 +450,14 @@ async fn a_full_queue_waits_for_the_database_and_loses_nothing() {
         let records: Vec<Value> = (0..100)
             .map(|i| tick("FPT", T0, m * 100 + i, 10.0))
             .collect();
-        app.publish(
-            app.subject("tick", "FPT"),
-            Value::Array(records).to_string(),
-        )
-        .await;
+        app.publish_json("tick", "FPT", &Value::Array(records))
+            .await;
     }
-    wait_for(
-        Duration::from_secs(30),
-        "the tick queue to fill",
-        || async {
-            let depth = app
-                .metric("tickvault_queue_depth", &[("type", "tick")])
-                .await;
-            (depth >= 900.0).then_some(())
-        },
-    )
-    .await;
+    app.wait_for_metric("tickvault_queue_depth", &[("type", "tick")], 900.0)
+        .await;
     assert_eq!(app.health().await["status"], "degraded");
-    wait_for(
-        Duration::from_secs(30),
-        "a failed flush to be counted",
-        || async {
-            let errors = app
-                .metric("tickvault_flush_errors_total", &[("type", "tick")])
-                .await;
-            (errors >= 1.0).then_some(())
-        },
-    )
-    .await;
+    app.wait_for_metric("tickvault_flush_errors_total", &[("type", "tick")], 1.0)
+        .await;
 
     pg.resume();
     app.wait_for_rows("tick_data", total).await;
@@ -530,17 +485,11 @@ async fn shutdown_flushes_every_waiting_row() {
     })
     .await;
     for seq in 0..40 {
-        app.publish(
-            app.subject("tick", "FPT"),
-            tick("FPT", T0, seq, 10.0).to_string(),
-        )
-        .await;
+        app.publish_json("tick", "FPT", &tick("FPT", T0, seq, 10.0))
+            .await;
     }
     let seq = app
-        .publish(
-            app.subject("candle", "FPT"),
-            candle("FPT", T0, 1.0).to_string(),
-        )
+        .publish_json("candle", "FPT", &candle("FPT", T0, 1.0))
         .await;
     wait_for(
         Duration::from_secs(20),
@@ -569,15 +518,7 @@ async fn shutdown_flushes_every_waiting_row() {
         2.0
     );
     // Acknowledged: nothing is left for the consumer to deliver again.
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer = app
-        .js
-        .get_stream(&app.config.ingest.stream)
-        .await
-        .unwrap()
-        .get_consumer("tickvault-tick")
-        .await
-        .unwrap();
-    let info = consumer.info().await.unwrap();
+    let info = app.consumer_info("tick").await;
     assert_eq!((info.num_ack_pending, info.num_pending), (0, 0));
 }
 
@@ -598,10 +539,7 @@ async fn shutdown_with_the_database_down_leaves_the_messages_unacknowledged_and_
     let messages = 50;
     for seq in 0..messages {
         first
-            .publish(
-                first.subject("tick", "FPT"),
-                tick("FPT", T0, seq, 10.0).to_string(),
-            )
+            .publish_json("tick", "FPT", &tick("FPT", T0, seq, 10.0))
             .await;
     }
     wait_for(
@@ -621,15 +559,7 @@ async fn shutdown_with_the_database_down_leaves_the_messages_unacknowledged_and_
         .expect("shutdown succeeds with the database down");
 
     // Nothing was acknowledged: every message is still the consumer's to deliver.
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer = first
-        .js
-        .get_stream(&first.config.ingest.stream)
-        .await
-        .unwrap()
-        .get_consumer("tickvault-tick")
-        .await
-        .unwrap();
-    let info = consumer.info().await.unwrap();
+    let info = first.consumer_info("tick").await;
     // All 50 were delivered (they sat in the queue) and none was acked: each
     // is still awaiting its ack and the ack floor never moved. (The server
     // also counts a message queued for redelivery after ack_wait in
@@ -664,29 +594,21 @@ async fn core_mode_subscribes_in_the_queue_group() {
         c.ingest.flush_interval_ms = 100;
     })
     .await;
+    // Plain publishes: core mode reads the subjects, not a stream.
+    let core_publish = |record_type: &'static str, record: Value| {
+        let subject = app.subject(record_type, "FPT");
+        let nats = app.nats.clone();
+        async move {
+            nats.publish(subject, record.to_string().into())
+                .await
+                .unwrap()
+        }
+    };
     for seq in 0..5 {
-        app.nats
-            .publish(
-                app.subject("tick", "FPT"),
-                tick("FPT", T0, seq, 10.0).to_string().into(),
-            )
-            .await
-            .unwrap();
+        core_publish("tick", tick("FPT", T0, seq, 10.0)).await;
     }
-    app.nats
-        .publish(
-            app.subject("candle", "FPT"),
-            candle("FPT", T0, 1.0).to_string().into(),
-        )
-        .await
-        .unwrap();
-    app.nats
-        .publish(
-            app.subject("candle", "FPT"),
-            candle("FPT", T0, 2.0).to_string().into(),
-        )
-        .await
-        .unwrap();
+    core_publish("candle", candle("FPT", T0, 1.0)).await;
+    core_publish("candle", candle("FPT", T0, 2.0)).await;
     app.wait_for_rows("tick_data", 5).await;
     wait_for(
         Duration::from_secs(20),
@@ -723,10 +645,7 @@ async fn replicas_share_the_durable_consumers() {
     let messages = 400;
     for seq in 0..messages {
         first
-            .publish(
-                first.subject("tick", "SSI"),
-                tick("SSI", T0, seq, 20.0).to_string(),
-            )
+            .publish_json("tick", "SSI", &tick("SSI", T0, seq, 20.0))
             .await;
     }
     first.wait_for_rows("tick_data", messages).await;
