@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use crate::ingest::sink::{self, Sink};
 use crate::ops::health::Status;
-use crate::ops::metrics::{FlushTrigger, Metrics};
+use crate::ops::metrics::{FlushTrigger, IntakeMetrics, Metrics};
 use crate::records::{RecordType, Value};
 
 /// The rows of one NATS message, waiting to be written.
@@ -36,14 +36,14 @@ struct QueueRoom {
     record_type: RecordType,
     room: Arc<Semaphore>,
     capacity: usize,
-    metrics: Arc<Metrics>,
+    metrics: IntakeMetrics,
     status: Arc<Status>,
 }
 
 impl QueueRoom {
     fn report_depth(&self) {
         let depth = self.capacity - self.room.available_permits();
-        self.metrics.queue_depth(self.record_type, depth);
+        self.metrics.queue_depth(depth);
         self.status.set_queue_rows(self.record_type, depth);
     }
 }
@@ -73,6 +73,7 @@ pub fn queue(
 ) -> (QueueSender, QueueReceiver) {
     let (tx, rx) = mpsc::unbounded_channel();
     metrics.queue_sized(record_type, capacity);
+    let metrics = metrics.intake(record_type);
     let room = QueueRoom {
         record_type,
         room: Arc::new(Semaphore::new(capacity)),

@@ -113,7 +113,7 @@ impl Ingest {
                 config: self.config.clone(),
                 queue,
                 dead_letters: dead_letters.clone(),
-                metrics: self.metrics.clone(),
+                intake: self.metrics.intake(record_type),
                 status: self.status.clone(),
             };
             match &js {

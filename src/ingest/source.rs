@@ -20,7 +20,7 @@ use crate::ingest::dead_letter::DeadLetters;
 use crate::ingest::decode::{decode, Limits};
 use crate::ingest::IngestError;
 use crate::ops::health::Status;
-use crate::ops::metrics::Metrics;
+use crate::ops::metrics::IntakeMetrics;
 use crate::records::RecordType;
 use crate::retry::Backoff;
 
@@ -140,7 +140,8 @@ pub struct Source {
     pub config: Arc<IngestConfig>,
     pub queue: QueueSender,
     pub dead_letters: DeadLetters,
-    pub metrics: Arc<Metrics>,
+    /// This type's per-message series.
+    pub intake: IntakeMetrics,
     pub status: Arc<Status>,
 }
 
@@ -162,7 +163,7 @@ impl Source {
         ack: Option<Acker>,
         shutdown: &CancellationToken,
     ) -> bool {
-        self.metrics.message_received(self.record_type);
+        self.intake.message_received();
         let decoded = decode(self.record_type.spec(), payload, self.limits());
         let dead_lettered = self
             .dead_letters
@@ -337,8 +338,7 @@ impl Source {
             // consumer info instead slowed nats-server 2.9's deliveries 30-fold.)
             let stream_seq = match message.info() {
                 Ok(info) => {
-                    self.metrics
-                        .consumer_pending(self.record_type, info.pending);
+                    self.intake.consumer_pending(info.pending);
                     Some(info.stream_sequence)
                 }
                 Err(_) => None,

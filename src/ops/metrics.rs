@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::records::{RecordType, Reject, RejectReason};
@@ -49,6 +49,29 @@ impl DbFailureKind {
             DbFailureKind::Authentication => "authentication",
             DbFailureKind::Other => "other",
         }
+    }
+}
+
+/// The series one type's intake updates for every message.
+#[derive(Clone)]
+pub struct IntakeMetrics {
+    received: IntCounter,
+    queue_depth: IntGauge,
+    consumer_pending: IntGauge,
+}
+
+impl IntakeMetrics {
+    pub fn message_received(&self) {
+        self.received.inc();
+    }
+
+    pub fn queue_depth(&self, rows: usize) {
+        self.queue_depth.set(rows as i64);
+    }
+
+    /// JetStream messages the consumer has not delivered yet, as of the last delivery.
+    pub fn consumer_pending(&self, pending: u64) {
+        self.consumer_pending.set(pending as i64);
     }
 }
 
@@ -238,16 +261,14 @@ impl Metrics {
             .set(capacity as i64);
     }
 
-    pub fn queue_depth(&self, record_type: RecordType, rows: usize) {
-        self.queue_depth
-            .with_label_values(&[record_type.name()])
-            .set(rows as i64);
-    }
-
-    pub fn message_received(&self, record_type: RecordType) {
-        self.messages_received
-            .with_label_values(&[record_type.name()])
-            .inc();
+    /// One type's per-message series, resolved once so the hot path does no label lookup.
+    pub fn intake(&self, record_type: RecordType) -> IntakeMetrics {
+        let name = [record_type.name()];
+        IntakeMetrics {
+            received: self.messages_received.with_label_values(&name),
+            queue_depth: self.queue_depth.with_label_values(&name),
+            consumer_pending: self.consumer_pending.with_label_values(&name),
+        }
     }
 
     /// The rejected input of one message: counted per reason, logged once.
@@ -418,12 +439,6 @@ impl Metrics {
         self.history_duration
             .with_label_values(&[kind])
             .observe(elapsed.as_secs_f64());
-    }
-
-    pub fn consumer_pending(&self, record_type: RecordType, pending: u64) {
-        self.consumer_pending
-            .with_label_values(&[record_type.name()])
-            .set(pending as i64);
     }
 
     /// For tests and the benchmark: a counter's current value.
