@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::db::{self, Database, DbError};
 use crate::history;
 use crate::ingest::{Ingest, IngestError};
+use crate::nats::NatsError;
 use crate::ops::health::Status;
 use crate::ops::http::{self, OpsState};
 use crate::ops::metrics::Metrics;
@@ -37,8 +38,8 @@ pub enum BuildError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("nats.url {url} cannot be used: {message}")]
-    Nats { url: String, message: String },
+    #[error(transparent)]
+    Nats(#[from] NatsError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -209,33 +210,16 @@ impl App {
 async fn connect_nats(
     config: &Config,
     metrics: Arc<Metrics>,
-) -> Result<async_nats::Client, BuildError> {
-    let url = &config.nats.url;
-    let error = |message: String| BuildError::Nats {
-        url: url.redacted(),
-        message,
-    };
-    let nats_url = url.parse().map_err(&error)?;
-    let mut options = async_nats::ConnectOptions::new()
-        .name(&config.nats.client_name)
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .connection_timeout(Duration::from_secs(5))
-        .event_callback(move |event| {
-            let metrics = metrics.clone();
-            async move { metrics.nats_event(&event) }
-        });
-    // Credentials in the URL: passed as options so they are not re-parsed or logged.
-    if let Some(password) = nats_url.password() {
-        options = options.user_and_password(nats_url.username().into(), password.into());
-    } else if !nats_url.username().is_empty() {
-        options = options.token(nats_url.username().into());
-    }
-    let mut server = nats_url.clone();
-    let _ = server.set_username("");
-    let _ = server.set_password(None);
-    options
-        .connect(server.as_str())
-        .await
-        .map_err(|e| error(e.to_string()))
+) -> Result<async_nats::Client, NatsError> {
+    crate::nats::connect(&config.nats, |options| {
+        options
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(5))
+            .event_callback(move |event| {
+                let metrics = metrics.clone();
+                async move { metrics.nats_event(&event) }
+            })
+    })
+    .await
 }

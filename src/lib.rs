@@ -8,16 +8,18 @@
 //! - [`history`]: the `tickvault-history` NATS micro service.
 //! - [`ops`]: `/health`, `/ready`, `/metrics`, logging, shutdown.
 //! - [`db`]: the pool, health check and migrations.
+//! - [`nats`]: the one way to connect to NATS, for the worker and the tools.
 //! - [`app`]: [`App::build`] wires them; `main` and the tests both use it.
-//! - [`feed`] and [`bench`]: the synthetic upstream feed and the benchmark.
+//!
+//! The command-line tools (feed, bench, history client) live in the binary's
+//! `tools` module and use only this library's public API.
 
 pub mod app;
-pub mod bench;
 pub mod config;
 pub mod db;
-pub mod feed;
 pub mod history;
 pub mod ingest;
+pub mod nats;
 pub mod ops;
 pub mod records;
 pub mod retry;

@@ -7,6 +7,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tickvault::{ops, App, Config};
 
+mod tools;
+
 #[derive(Parser)]
 #[command(
     name = "tickvault",
@@ -30,11 +32,11 @@ enum Command {
     /// Print the effective configuration as TOML, secrets shown as ***.
     Config,
     /// Query stored history through the running service.
-    History(tickvault::history::client::HistoryArgs),
+    History(tools::history::HistoryArgs),
     /// Publish a synthetic market feed to NATS.
-    Feed(tickvault::feed::FeedArgs),
+    Feed(tools::feed::FeedArgs),
     /// Measure ingest throughput against a baseline.
-    Bench(tickvault::bench::BenchArgs),
+    Bench(tools::bench::BenchArgs),
     /// Exit 0 when the running worker's /ready answers 200.
     Health {
         /// The worker's HTTP address (default: http.addr from the configuration).
@@ -82,9 +84,9 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             println!("migrations applied to {}", config.database.url);
         }
         Command::Config => print!("{}", config.to_redacted_toml()),
-        Command::History(args) => return Ok(tickvault::history::client::run(&config, args).await?),
-        Command::Feed(args) => tickvault::feed::run(&config, args).await?,
-        Command::Bench(args) => tickvault::bench::run(&config, args).await?,
+        Command::History(args) => return Ok(tools::history::run(&config, args).await?),
+        Command::Feed(args) => tools::feed::run(&config, args).await?,
+        Command::Bench(args) => tools::bench::run(&config, args).await?,
         Command::Health { url } => {
             let url = url.unwrap_or_else(|| ready_url(&config));
             let client = reqwest::Client::builder()

@@ -1,19 +1,17 @@
 //! The history service (contract section 2): a NATS micro service named
 //! `tickvault-history` answering `<prefix>.ticks|candles|foreign|index|derivatives`
-//! from the five tables, and the `tickvault history` command-line client.
+//! from the five tables.
 //!
 //! - [`request`]: the JSON request parsed and checked into a typed [`request::Query`].
 //! - [`query`]: the parameterised SQL, generic over the record specs, and row → JSON.
 //! - [`cursor`]: the opaque keyset-pagination cursor.
 //! - [`service`]: the endpoints, replies cut to the server's max payload, errors, metrics.
-//! - [`client`]: the CLI, following cursors and printing table, JSON lines or CSV.
 //!
 //! Semantics the contract leaves open: dates are market days (UTC+7); with
 //! an `interval` wider than `1m`, bars are built from the 1-minute rows inside
 //! `[from, to)` only, so a bar cut by a bound aggregates the minutes in range;
 //! `null` for an optional request field means "absent".
 
-pub mod client;
 pub mod cursor;
 pub mod query;
 pub mod request;

@@ -1,25 +1,23 @@
-//! The PostgreSQL side: the pool, the health check, migrations and the
-//! TimescaleDB policies. The pool is lazy so the worker starts while the
-//! database is down; [`supervise`] watches it and migrates once it is up.
+//! The PostgreSQL side: the pool and the health check here; the schema in
+//! [`migrate`]; [`supervise`] watches the database and migrates once it is up.
+//! The pool is lazy so the worker starts while the database is down.
+
+mod migrate;
+mod supervise;
+
+pub use migrate::MIGRATOR;
+pub use supervise::supervise;
 
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
-use tokio_util::sync::CancellationToken;
 
 use crate::config::DatabaseConfig;
-use crate::ops::health::Status;
-use crate::ops::metrics::{DbFailureKind, Metrics};
-use crate::retry::Backoff;
-
-/// The embedded migrations of `migrations/`.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+use crate::ops::metrics::DbFailureKind;
 
 const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
-const HEALTHY_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -85,7 +83,7 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
 pub struct Database {
     pub pool: PgPool,
     options: PgConnectOptions,
-    config: DatabaseConfig,
+    pub(crate) config: DatabaseConfig,
 }
 
 impl Database {
@@ -137,108 +135,7 @@ impl Database {
         }
     }
 
-    /// Applies the embedded migrations (a no-op when they are all applied),
-    /// then the TimescaleDB policies where TimescaleDB is installed.
-    pub async fn migrate(&self) -> Result<(), DbError> {
-        MIGRATOR.run(&self.pool).await.map_err(DbError::Migrate)?;
-        self.apply_timescale_policies()
-            .await
-            .map_err(|e| DbError::Migrate(e.into()))?;
-        Ok(())
-    }
-
-    async fn apply_timescale_policies(&self) -> Result<(), sqlx::Error> {
-        let installed: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        if !installed {
-            return Ok(());
-        }
-        for t in crate::records::RecordType::ALL {
-            let table = t.spec().table;
-            for (interval, add, remove) in [
-                (
-                    &self.config.compress_after,
-                    "add_compression_policy",
-                    "remove_compression_policy",
-                ),
-                (
-                    &self.config.retention,
-                    "add_retention_policy",
-                    "remove_retention_policy",
-                ),
-            ] {
-                // Remove then add, so a changed interval takes effect.
-                sqlx::query(&format!("SELECT {remove}($1::regclass, if_exists => true)"))
-                    .bind(table)
-                    .execute(&self.pool)
-                    .await?;
-                if !interval.trim().is_empty() {
-                    sqlx::query(&format!("SELECT {add}($1::regclass, $2::interval)"))
-                        .bind(table)
-                        .bind(interval.trim())
-                        .execute(&self.pool)
-                        .await?;
-                }
-            }
-        }
-        tracing::info!("TimescaleDB compression and retention policies applied");
-        Ok(())
-    }
-
     pub fn pool_max(&self) -> u32 {
         self.config.pool_max
-    }
-}
-
-/// Watches the database until shutdown: health checks (every 2 s while up,
-/// with capped exponential backoff while down), migrations once it is up.
-pub async fn supervise(
-    db: Database,
-    migrate: bool,
-    status: Arc<Status>,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
-    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(15));
-    let mut schema_ready = !migrate;
-    status.set_schema_ready(schema_ready);
-    loop {
-        let check = db.health_check().await;
-        let up = match &check {
-            Ok(()) => true,
-            Err(e) => {
-                metrics.db_checked(Err((e.kind(), e)));
-                false
-            }
-        };
-        if up {
-            metrics.db_checked(Ok(()));
-            if !schema_ready {
-                match db.migrate().await {
-                    Ok(()) => {
-                        tracing::info!("database schema is up to date");
-                        schema_ready = true;
-                        status.set_schema_ready(true);
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "could not migrate the database; retrying")
-                    }
-                }
-            }
-        }
-        status.set_db_up(up);
-        let pause = if up && schema_ready {
-            backoff.reset();
-            HEALTHY_CHECK_EVERY
-        } else {
-            backoff.next_delay()
-        };
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
-        }
     }
 }

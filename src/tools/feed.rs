@@ -3,7 +3,7 @@
 //!
 //! [`Market`] generates the messages and does no I/O: given a seed and a
 //! start time it always produces the same sequence, which the unit tests
-//! check against [`RecordSpec::parse_record`](crate::records::RecordSpec::parse_record).
+//! check against [`RecordSpec::parse_record`](tickvault::records::RecordSpec::parse_record).
 //! [`run`] paces them to `--rate` and publishes them, plainly or through
 //! JetStream with acknowledgements.
 
@@ -17,8 +17,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Value as Json};
 use tokio::time::Instant;
 
-use crate::config::Config;
-use crate::records::RecordType;
+use tickvault::config::Config;
+use tickvault::records::RecordType;
 
 /// VN30 constituents with a plausible reference price (thousand VND).
 pub const VN30: [(&str, f64); 30] = [
@@ -231,11 +231,6 @@ impl Market {
             indices,
             contracts,
         }
-    }
-
-    /// The simulated time of the next message.
-    pub fn clock(&self) -> DateTime<Utc> {
-        self.clock
     }
 
     /// The next message: mostly ticks, then candles, foreign flow, index
@@ -574,8 +569,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 pub enum FeedError {
     #[error("--{arg}: {message}")]
     InvalidArgument { arg: &'static str, message: String },
-    #[error("cannot connect to NATS at {url}: {message}")]
-    Connect { url: String, message: String },
+    #[error(transparent)]
+    Connect(#[from] tickvault::nats::NatsError),
     #[error("publishing to {subject} failed: {message}")]
     Publish { subject: String, message: String },
     #[error("{failed} of {sent} JetStream publishes were not acknowledged (last error: {last}); does a stream capture {prefix}.>? `tickvault run` creates it")]
@@ -607,15 +602,12 @@ pub async fn run(config: &Config, args: FeedArgs) -> Result<(), FeedError> {
     let seed = args.seed.unwrap_or_else(rand::random);
     let prefix = config.ingest.subject_prefix.clone();
     let url = config.nats.url.redacted();
-    let client = async_nats::ConnectOptions::new()
-        .name("tickvault-feed")
-        .connection_timeout(Duration::from_secs(5))
-        .connect(config.nats.url.expose())
-        .await
-        .map_err(|e| FeedError::Connect {
-            url: url.clone(),
-            message: e.to_string(),
-        })?;
+    let client = tickvault::nats::connect(&config.nats, |options| {
+        options
+            .name("tickvault-feed")
+            .connection_timeout(Duration::from_secs(5))
+    })
+    .await?;
     let js = args.jetstream.then(|| jetstream::new(client.clone()));
     let interval = Duration::from_secs_f64(1.0 / args.rate);
     let mut market = Market::new(seed, args.symbols, Utc::now(), interval);
@@ -631,7 +623,7 @@ pub async fn run(config: &Config, args: FeedArgs) -> Result<(), FeedError> {
         "publishing the synthetic feed (Ctrl-C to stop)"
     );
 
-    let shutdown = crate::ops::shutdown::signal();
+    let shutdown = tickvault::ops::shutdown::signal();
     tokio::pin!(shutdown);
     let started = Instant::now();
     let deadline = args.duration.map(|d| started + d);
@@ -732,7 +724,7 @@ fn record_ack<T, E: std::fmt::Display>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::records::Value;
+    use tickvault::records::Value;
 
     fn start() -> DateTime<Utc> {
         DateTime::parse_from_rfc3339("2024-12-02T09:15:00+07:00")

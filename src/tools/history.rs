@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use serde_json::{Map, Value as Json};
 
-use super::request::MAX_LIMIT;
-use crate::config::Config;
-use crate::records::RecordType;
+use tickvault::config::Config;
+use tickvault::history::request::MAX_LIMIT;
+use tickvault::records::RecordType;
 
 /// What to ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -80,8 +80,8 @@ pub struct HistoryArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to NATS at {url}: {message}; is nats.url (NATS_URL) right?")]
-    Connect { url: String, message: String },
+    #[error(transparent)]
+    Connect(#[from] tickvault::nats::NatsError),
     #[error("no answer on {subject}: {message}; is `tickvault run` running with history.subject_prefix as configured here?")]
     Request { subject: String, message: String },
     #[error("the service sent a reply that is not valid history JSON: {0}")]
@@ -93,17 +93,13 @@ pub enum ClientError {
 /// Runs the request; exits 1 (after printing the service's message on
 /// stderr) when the service answers with an error.
 pub async fn run(config: &Config, args: HistoryArgs) -> Result<ExitCode, ClientError> {
-    let url = config.nats.url.redacted();
-    let client = async_nats::ConnectOptions::new()
-        .name("tickvault-history-cli")
-        .request_timeout(Some(Duration::from_secs(args.timeout.max(1))))
-        .connection_timeout(Duration::from_secs(args.timeout.clamp(1, 10)))
-        .connect(config.nats.url.expose())
-        .await
-        .map_err(|e| ClientError::Connect {
-            url: url.clone(),
-            message: e.to_string(),
-        })?;
+    let client = tickvault::nats::connect(&config.nats, |options| {
+        options
+            .name("tickvault-history-cli")
+            .request_timeout(Some(Duration::from_secs(args.timeout.max(1))))
+            .connection_timeout(Duration::from_secs(args.timeout.clamp(1, 10)))
+    })
+    .await?;
     let subject = format!(
         "{}.{}",
         config.history.subject_prefix,

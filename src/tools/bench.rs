@@ -21,12 +21,12 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgPool};
 use tokio::time::Instant;
 
-use crate::app::App;
-use crate::config::{Config, IngestMode};
-use crate::db::Database;
-use crate::ingest::source;
-use crate::records::{RecordSpec, RecordType};
-use crate::secret::SecretUrl;
+use tickvault::app::App;
+use tickvault::config::{Config, IngestMode};
+use tickvault::db::Database;
+use tickvault::ingest::source;
+use tickvault::records::{RecordSpec, RecordType};
+use tickvault::secret::SecretUrl;
 
 /// Options of `tickvault bench`.
 #[derive(Debug, Clone, clap::Args)]
@@ -64,13 +64,15 @@ pub enum BenchError {
         source: sqlx::Error,
     },
     #[error("database: {0}")]
-    Migrate(#[from] crate::db::DbError),
+    Migrate(#[from] tickvault::db::DbError),
     #[error("NATS: {context}: {message}")]
     Nats { context: String, message: String },
+    #[error(transparent)]
+    Connect(#[from] tickvault::nats::NatsError),
     #[error("the worker could not start: {0}")]
-    Build(#[from] crate::app::BuildError),
+    Build(#[from] tickvault::app::BuildError),
     #[error("the worker failed: {0}")]
-    Run(#[from] crate::app::RunError),
+    Run(#[from] tickvault::app::RunError),
     #[error("the worker wrote {actual} rows to {table} within {timeout:?}, expected {expected}")]
     Timeout {
         table: &'static str,
@@ -213,11 +215,8 @@ pub async fn run(config: &Config, args: BenchArgs) -> Result<(), BenchError> {
             message: format!("database.url: {e}"),
         })?;
     url.set_path(&database);
-    let nats = async_nats::ConnectOptions::new()
-        .name("tickvault-bench")
-        .connect(config.nats.url.expose())
-        .await
-        .map_err(nats_error(format!("connect to {}", config.nats.url)))?;
+    let nats =
+        tickvault::nats::connect(&config.nats, |options| options.name("tickvault-bench")).await?;
     let scratch = Scratch {
         admin,
         database,
@@ -422,7 +421,7 @@ fn copy_text(spec: &RecordSpec, args: &BenchArgs) -> Result<String, BenchError> 
                 arg: "type",
                 message: format!("generated record rejected: {}", r.detail),
             })?;
-        crate::records::write_copy_row(&values, &mut data);
+        tickvault::records::write_copy_row(&values, &mut data);
     }
     Ok(data)
 }

@@ -1,0 +1,63 @@
+//! The database supervisor: health checks and migration until shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::Database;
+use crate::ops::health::Status;
+use crate::ops::metrics::Metrics;
+use crate::retry::Backoff;
+
+const HEALTHY_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// Watches the database until shutdown: health checks (every 2 s while up,
+/// with capped exponential backoff while down), migrations once it is up.
+pub async fn supervise(
+    db: Database,
+    migrate: bool,
+    status: Arc<Status>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(15));
+    let mut schema_ready = !migrate;
+    status.set_schema_ready(schema_ready);
+    loop {
+        let check = db.health_check().await;
+        let up = match &check {
+            Ok(()) => true,
+            Err(e) => {
+                metrics.db_checked(Err((e.kind(), e)));
+                false
+            }
+        };
+        if up {
+            metrics.db_checked(Ok(()));
+            if !schema_ready {
+                match db.migrate().await {
+                    Ok(()) => {
+                        tracing::info!("database schema is up to date");
+                        schema_ready = true;
+                        status.set_schema_ready(true);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not migrate the database; retrying")
+                    }
+                }
+            }
+        }
+        status.set_db_up(up);
+        let pause = if up && schema_ready {
+            backoff.reset();
+            HEALTHY_CHECK_EVERY
+        } else {
+            backoff.next_delay()
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
