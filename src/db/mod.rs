@@ -51,31 +51,62 @@ pub fn classify(error: &sqlx::Error) -> DbFailureKind {
             DbFailureKind::ConnectionRefused
         }
         sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => DbFailureKind::Timeout,
-        sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("28")) => {
-            DbFailureKind::Authentication
-        }
+        e if failure(e) == Failure::Auth => DbFailureKind::Authentication,
         _ => DbFailureKind::Other,
     }
 }
 
-/// Errors after which the same write can succeed later: connection loss,
-/// timeouts, the server shutting down or refusing connections for now.
-pub fn is_transient(error: &sqlx::Error) -> bool {
+/// What a failed statement means for whoever issued it: the one
+/// classification ingest, history and the health check all act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The server or the connection is unavailable now (down, restarting,
+    /// overloaded, a statement or lock timeout): the same statement can
+    /// succeed later.
+    Unavailable,
+    /// The server refused who we are or how we connect (SQLSTATE class 28,
+    /// TLS, connection settings): only an operator can fix it.
+    Auth,
+    /// The schema or privileges are not what tickvault expects (classes 42,
+    /// 3D, 3F): an operator must migrate or grant.
+    Schema,
+    /// The statement's data was refused (a constraint, a trigger, a value
+    /// out of range, ...): retrying the same rows cannot help.
+    Refused,
+}
+
+pub fn failure(error: &sqlx::Error) -> Failure {
     match error {
         sqlx::Error::Io(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
-        | sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_)
-        | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // 08: connection exception, 53: insufficient resources,
-            // 57P: operator intervention (shutdown), 40: serialization/deadlock, 28: auth.
-            ["08", "53", "57P", "40", "28"]
-                .iter()
-                .any(|class| code.starts_with(class))
-        }),
-        _ => false,
+        | sqlx::Error::WorkerCrashed => Failure::Unavailable,
+        sqlx::Error::Tls(_) | sqlx::Error::Configuration(_) => Failure::Auth,
+        sqlx::Error::Database(db) => match db.code() {
+            Some(code) => failure_of_sqlstate(&code),
+            None => Failure::Refused,
+        },
+        _ => Failure::Refused,
+    }
+}
+
+fn failure_of_sqlstate(code: &str) -> Failure {
+    // 08 connection exception, 53 insufficient resources, 57P operator
+    // intervention (shutdown), 57014 statement timeout, 55P03 lock timeout,
+    // 40 serialization failure or deadlock, 58 system (I/O) error.
+    const UNAVAILABLE: [&str; 7] = ["08", "53", "57P", "57014", "55P03", "40", "58"];
+    if UNAVAILABLE.iter().any(|prefix| code.starts_with(prefix)) {
+        Failure::Unavailable
+    } else if code.starts_with("28") {
+        Failure::Auth
+    } else if ["42", "3D", "3F"]
+        .iter()
+        .any(|prefix| code.starts_with(prefix))
+    {
+        Failure::Schema
+    } else {
+        Failure::Refused
     }
 }
 
@@ -137,5 +168,44 @@ impl Database {
 
     pub fn pool_max(&self) -> u32 {
         self.config.pool_max
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_map_to_what_the_caller_does() {
+        let cases = [
+            ("08006", Failure::Unavailable),
+            ("53300", Failure::Unavailable),
+            ("57P01", Failure::Unavailable),
+            ("57014", Failure::Unavailable),
+            ("55P03", Failure::Unavailable),
+            ("40P01", Failure::Unavailable),
+            ("28P01", Failure::Auth),
+            ("28000", Failure::Auth),
+            ("42P01", Failure::Schema),
+            ("42501", Failure::Schema),
+            ("3D000", Failure::Schema),
+            ("23505", Failure::Refused),
+            ("22003", Failure::Refused),
+            ("P0001", Failure::Refused),
+            ("54000", Failure::Refused),
+            ("0A000", Failure::Refused),
+            ("57000", Failure::Refused),
+        ];
+        for (code, expected) in cases {
+            assert_eq!(failure_of_sqlstate(code), expected, "{code}");
+        }
+        assert_eq!(failure(&sqlx::Error::PoolTimedOut), Failure::Unavailable);
+        assert_eq!(
+            failure(&sqlx::Error::Io(
+                std::io::ErrorKind::ConnectionRefused.into()
+            )),
+            Failure::Unavailable
+        );
+        assert_eq!(failure(&sqlx::Error::RowNotFound), Failure::Refused);
     }
 }

@@ -47,7 +47,9 @@ pub enum HistoryError {
 
 impl From<sqlx::Error> for HistoryError {
     fn from(error: sqlx::Error) -> Self {
-        if crate::db::is_transient(&error) {
+        use crate::db::{failure, Failure};
+        // To a client, a database it cannot reach for any reason is unavailable.
+        if matches!(failure(&error), Failure::Unavailable | Failure::Auth) {
             HistoryError::Unavailable(error)
         } else {
             HistoryError::Database(error)

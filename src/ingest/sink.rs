@@ -17,7 +17,7 @@ use sqlx::{Acquire, PgConnection};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::{is_transient, Database};
+use crate::db::{failure, Database, Failure};
 use crate::ingest::batcher::Delivery;
 use crate::ingest::dead_letter::DeadLetters;
 use crate::ingest::decode::Rejected;
@@ -399,7 +399,7 @@ fn is_unique_violation(error: &sqlx::Error) -> bool {
 /// The row itself is the problem (class 22 data exception, 23 integrity):
 /// retrying the same data cannot help. Anything else is retried.
 fn is_data_error(error: &sqlx::Error) -> bool {
-    !is_transient(error)
+    failure(error) == Failure::Refused
         && sql_state(error).is_some_and(|c| c.starts_with("22") || c.starts_with("23"))
 }
 
