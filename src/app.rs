@@ -205,15 +205,16 @@ impl App {
     }
 }
 
-/// Connects in the background: the client retries the first connection and
-/// every reconnection with capped backoff; connection events go to metrics.
+/// Connects in the background: a credential or TLS problem is reported at
+/// start-up; the client retries the first connection and every reconnection
+/// with capped backoff; connection events go to metrics.
 async fn connect_nats(
     config: &Config,
     metrics: Arc<Metrics>,
 ) -> Result<async_nats::Client, NatsError> {
-    crate::nats::connect(&config.nats, |options| {
+    crate::nats::connect_in_background(&config.nats, |options| {
+        let metrics = metrics.clone();
         options
-            .retry_on_initial_connect()
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(5))
             .event_callback(move |event| {

@@ -4,14 +4,14 @@
 //! Every key has its default here, in `Default` impls, and nowhere else.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-use crate::secret::SecretUrl;
+use crate::secret::{Secret, SecretUrl};
 
 /// The file read when no `--config` is given (it may be absent).
 pub const DEFAULT_CONFIG_FILE: &str = "tickvault.toml";
@@ -60,6 +60,42 @@ pub struct DatabaseConfig {
     pub compress_after: String,
     /// TimescaleDB only: drop chunks older than this (a PostgreSQL interval; empty = keep forever).
     pub retention: String,
+    /// TLS to the server: `disable`, `prefer`, `require`, `verify-ca` or
+    /// `verify-full`. Unset: the URL's `sslmode`, else `prefer` (as libpq).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sslmode: Option<SslMode>,
+    /// CA certificate(s) (PEM) the server's certificate must chain to, besides the system's; beats the URL's `sslrootcert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sslrootcert: Option<PathBuf>,
+    /// Client certificate (PEM) for certificate authentication; beats the URL's `sslcert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sslcert: Option<PathBuf>,
+    /// The client certificate's private key (PEM); beats the URL's `sslkey`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sslkey: Option<PathBuf>,
+    /// A file whose content (trailing newline trimmed) is the password; beats
+    /// a password in the URL. Any character works, nothing to percent-encode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Server-side bound on each history query, in milliseconds: a slower
+    /// one is cancelled by PostgreSQL and answered 503.
+    pub statement_timeout_ms: u64,
+}
+
+/// PostgreSQL's `sslmode`, as libpq spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Never TLS.
+    Disable,
+    /// TLS when the server offers it, without checking its certificate.
+    Prefer,
+    /// TLS always, without checking the certificate.
+    Require,
+    /// TLS always; the certificate must chain to a trusted CA.
+    VerifyCa,
+    /// As `verify-ca`, and the certificate must name the host connected to.
+    VerifyFull,
 }
 
 impl Default for DatabaseConfig {
@@ -72,17 +108,54 @@ impl Default for DatabaseConfig {
             migrate_on_start: true,
             compress_after: "7 days".into(),
             retention: String::new(),
+            sslmode: None,
+            sslrootcert: None,
+            sslcert: None,
+            sslkey: None,
+            password_file: None,
+            statement_timeout_ms: 5_000,
         }
     }
 }
 
+/// The `nats.*` settings. Credentials come from at most one method (user +
+/// password file, token file, NKey seed file or `.creds` file); a method set
+/// here beats credentials in `nats.url`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
-    /// NATS server URL (`NATS_URL`); user, password or token in it never reach logs.
+    /// NATS server URL, or a comma-separated list of a cluster's servers
+    /// (`NATS_URL`); user, password or token in it never reach logs.
     pub url: SecretUrl,
     /// Name this client reports to the server.
     pub client_name: String,
+    /// User name, with `nats.password_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// A file holding the password of `nats.user`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// A file holding an authentication token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// A file holding an NKey seed (`SU...`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nkey_file: Option<PathBuf>,
+    /// A `.creds` file: a user JWT and its NKey seed (decentralized auth).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub creds_file: Option<PathBuf>,
+    /// CA certificate(s) (PEM) the server's certificate must chain to,
+    /// instead of the system's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM), for servers that verify clients.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// Refuse a server that does not offer TLS (also implied by `tls://` URLs).
+    pub tls_required: bool,
 }
 
 impl Default for NatsConfig {
@@ -90,7 +163,26 @@ impl Default for NatsConfig {
         Self {
             url: SecretUrl::new("nats://127.0.0.1:4222"),
             client_name: "tickvault".into(),
+            user: None,
+            password_file: None,
+            token_file: None,
+            nkey_file: None,
+            creds_file: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_required: false,
         }
+    }
+}
+
+impl DatabaseConfig {
+    pub fn acquire_timeout(&self) -> Duration {
+        Duration::from_millis(self.acquire_timeout_ms)
+    }
+
+    pub fn statement_timeout(&self) -> Duration {
+        Duration::from_millis(self.statement_timeout_ms)
     }
 }
 
@@ -259,12 +351,6 @@ impl Config {
 
     /// Checks what types alone cannot; each error names its key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
-            ConfigError::Invalid {
-                key,
-                message: message.into(),
-            }
-        }
         let db = &self.database;
         let url = db.url.parse().map_err(|e| invalid("database.url", e))?;
         if !matches!(url.scheme(), "postgres" | "postgresql") {
@@ -288,13 +374,14 @@ impl Config {
         if db.acquire_timeout_ms == 0 {
             return Err(invalid("database.acquire_timeout_ms", "must be at least 1"));
         }
-        let nats = self.nats.url.parse().map_err(|e| invalid("nats.url", e))?;
-        if !matches!(nats.scheme(), "nats" | "tls" | "ws" | "wss") {
+        if db.statement_timeout_ms == 0 {
             return Err(invalid(
-                "nats.url",
-                "must start with nats://, tls://, ws:// or wss://",
+                "database.statement_timeout_ms",
+                "must be at least 1",
             ));
         }
+        validate_database_tls(db, &url)?;
+        validate_nats(&self.nats)?;
         let ingest = &self.ingest;
         for (key, value) in [
             ("ingest.stream", &ingest.stream),
@@ -382,6 +469,169 @@ impl From<figment::Error> for ConfigError {
     }
 }
 
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// A file named by `key` must be readable now, so a typo stops start-up
+/// instead of failing every connection later.
+fn readable(key: &'static str, path: &Path) -> Result<(), ConfigError> {
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))
+}
+
+/// A secret file named by `key` must be readable and not empty.
+fn secret_file(key: &'static str, path: &Path) -> Result<Secret, ConfigError> {
+    Secret::read_file(path).map_err(|e| invalid(key, e.to_string()))
+}
+
+fn validate_database_tls(db: &DatabaseConfig, url: &url::Url) -> Result<(), ConfigError> {
+    if db.sslcert.is_some() != db.sslkey.is_some() {
+        let missing = if db.sslcert.is_some() {
+            "database.sslkey"
+        } else {
+            "database.sslcert"
+        };
+        return Err(invalid(
+            missing,
+            "database.sslcert and database.sslkey go together",
+        ));
+    }
+    for (key, path) in [
+        ("database.sslrootcert", &db.sslrootcert),
+        ("database.sslcert", &db.sslcert),
+        ("database.sslkey", &db.sslkey),
+    ] {
+        if let Some(path) = path {
+            readable(key, path)?;
+        }
+    }
+    if let Some(path) = &db.password_file {
+        secret_file("database.password_file", path)?;
+    }
+    // The same files given as URL parameters (a setting above replaces them).
+    for (name, value) in url.query_pairs() {
+        let setting = match name.as_ref() {
+            "sslrootcert" | "ssl-root-cert" | "ssl-ca" => &db.sslrootcert,
+            "sslcert" | "ssl-cert" => &db.sslcert,
+            "sslkey" | "ssl-key" => &db.sslkey,
+            "sslmode" | "ssl-mode" => {
+                if value.parse::<sqlx::postgres::PgSslMode>().is_err() {
+                    return Err(invalid(
+                        "database.url",
+                        format!("sslmode={value} is not one of disable, prefer, require, verify-ca, verify-full"),
+                    ));
+                }
+                continue;
+            }
+            _ => continue,
+        };
+        if setting.is_none() {
+            readable("database.url", Path::new(value.as_ref()))?;
+        }
+    }
+    Ok(())
+}
+
+fn validate_nats(nats: &NatsConfig) -> Result<(), ConfigError> {
+    let servers = nats.url.parse_list().map_err(|e| invalid("nats.url", e))?;
+    for server in &servers {
+        if !matches!(server.scheme(), "nats" | "tls" | "ws" | "wss") {
+            return Err(invalid(
+                "nats.url",
+                "each server must start with nats://, tls://, ws:// or wss://",
+            ));
+        }
+    }
+    // async-nats sends one set of credentials to whichever server it reaches.
+    let in_url: Vec<(&str, Option<&str>)> = servers
+        .iter()
+        .filter(|s| !s.username().is_empty())
+        .map(|s| (s.username(), s.password()))
+        .collect();
+    if in_url.windows(2).any(|pair| pair[0] != pair[1]) {
+        return Err(invalid(
+            "nats.url",
+            "its servers carry different credentials; one set is used for every server: give the same to each, or use nats.user / nats.password_file",
+        ));
+    }
+    if nats.user.is_some() != nats.password_file.is_some() {
+        let missing = if nats.user.is_some() {
+            "nats.password_file"
+        } else {
+            "nats.user"
+        };
+        return Err(invalid(
+            missing,
+            "nats.user and nats.password_file go together",
+        ));
+    }
+    let methods: Vec<&'static str> = [
+        ("nats.user", nats.user.is_some()),
+        ("nats.token_file", nats.token_file.is_some()),
+        ("nats.nkey_file", nats.nkey_file.is_some()),
+        ("nats.creds_file", nats.creds_file.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(key, set)| set.then_some(key))
+    .collect();
+    if methods.len() > 1 {
+        return Err(invalid(
+            methods[1],
+            format!("set one way to authenticate, not {}", methods.join(" and ")),
+        ));
+    }
+    if let Some(path) = &nats.password_file {
+        secret_file("nats.password_file", path)?;
+    }
+    if let Some(path) = &nats.token_file {
+        secret_file("nats.token_file", path)?;
+    }
+    if let Some(path) = &nats.nkey_file {
+        let seed = secret_file("nats.nkey_file", path)?;
+        nkeys::KeyPair::from_seed(seed.expose().trim()).map_err(|_| {
+            invalid(
+                "nats.nkey_file",
+                format!("{} does not hold an NKey seed (SU...)", path.display()),
+            )
+        })?;
+    }
+    if let Some(path) = &nats.creds_file {
+        let creds = secret_file("nats.creds_file", path)?;
+        crate::nats::with_creds(async_nats::ConnectOptions::new(), &creds).map_err(|e| {
+            invalid(
+                "nats.creds_file",
+                format!("{} is not a NATS .creds file ({e})", path.display()),
+            )
+        })?;
+    }
+    if nats.tls_cert.is_some() != nats.tls_key.is_some() {
+        let missing = if nats.tls_cert.is_some() {
+            "nats.tls_key"
+        } else {
+            "nats.tls_cert"
+        };
+        return Err(invalid(
+            missing,
+            "nats.tls_cert and nats.tls_key go together",
+        ));
+    }
+    for (key, path) in [
+        ("nats.tls_ca", &nats.tls_ca),
+        ("nats.tls_cert", &nats.tls_cert),
+        ("nats.tls_key", &nats.tls_key),
+    ] {
+        if let Some(path) = path {
+            readable(key, path)?;
+        }
+    }
+    Ok(())
+}
+
 fn is_subject_token(value: &str) -> bool {
     !value.is_empty()
         && value
@@ -425,8 +675,130 @@ mod tests {
             assert_eq!(config.history.subject_prefix, "history");
             assert_eq!(config.http.addr.to_string(), "0.0.0.0:9464");
             assert_eq!(config.log.format, LogFormat::Pretty);
+            assert_eq!(config.database.sslmode, None, "the URL's, else prefer");
+            assert_eq!(config.database.statement_timeout_ms, 5000);
+            assert!(config.database.password_file.is_none());
+            assert!(config.nats.user.is_none() && config.nats.creds_file.is_none());
+            assert!(!config.nats.tls_required);
             Ok(())
         });
+    }
+
+    #[test]
+    fn secure_settings_load_from_the_environment() {
+        Jail::expect_with(|jail| {
+            jail.create_file("db-password", "p@ss/w:rd+=\n")?;
+            jail.create_file("ca.pem", "not checked here")?;
+            jail.create_file("user.creds", &test_creds())?;
+            jail.set_env("TICKVAULT_DATABASE__SSLMODE", "verify-full");
+            jail.set_env("TICKVAULT_DATABASE__SSLROOTCERT", "ca.pem");
+            jail.set_env("TICKVAULT_DATABASE__PASSWORD_FILE", "db-password");
+            jail.set_env("TICKVAULT_DATABASE__STATEMENT_TIMEOUT_MS", "750");
+            jail.set_env("TICKVAULT_NATS__CREDS_FILE", "user.creds");
+            jail.set_env("TICKVAULT_NATS__TLS_CA", "ca.pem");
+            jail.set_env("TICKVAULT_NATS__TLS_REQUIRED", "true");
+            jail.set_env("NATS_URL", "nats://n1:4222,nats://n2:4222");
+            let config = load_in_jail().unwrap();
+            assert_eq!(config.database.sslmode, Some(SslMode::VerifyFull));
+            assert_eq!(config.database.statement_timeout_ms, 750);
+            assert_eq!(
+                config.nats.creds_file.as_deref(),
+                Some(Path::new("user.creds"))
+            );
+            assert!(config.nats.tls_required);
+            let printed = config.to_redacted_toml();
+            assert!(
+                printed.contains("password_file = \"db-password\""),
+                "{printed}"
+            );
+            assert!(printed.contains("sslmode = \"verify-full\""), "{printed}");
+            assert!(!printed.contains("p@ss"), "{printed}");
+            Ok(())
+        });
+    }
+
+    /// A `.creds` file with a syntactically valid JWT and seed (not trusted by any server).
+    fn test_creds() -> String {
+        let seed = nkeys::KeyPair::new_user().seed().unwrap();
+        format!(
+            "-----BEGIN NATS USER JWT-----\neyJ0eXAiOiJKV1QiLCJhbGciOiJlZDI1NTE5LW5rZXkifQ.e30.sig\n------END NATS USER JWT------\n\n-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+        )
+    }
+
+    #[test]
+    fn secure_settings_are_checked_naming_their_key() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[("TICKVAULT_DATABASE__SSLMODE", "sometimes")],
+                "database.sslmode",
+            ),
+            (
+                &[("TICKVAULT_DATABASE__PASSWORD_FILE", "missing")],
+                "database.password_file",
+            ),
+            (
+                &[("TICKVAULT_DATABASE__PASSWORD_FILE", "empty")],
+                "database.password_file",
+            ),
+            (
+                &[("TICKVAULT_DATABASE__SSLROOTCERT", "missing")],
+                "database.sslrootcert",
+            ),
+            (
+                &[("TICKVAULT_DATABASE__SSLCERT", "file")],
+                "database.sslkey",
+            ),
+            (
+                &[("DATABASE_URL", "postgres://u@db/x?sslrootcert=missing")],
+                "database.url",
+            ),
+            (
+                &[("DATABASE_URL", "postgres://u@db/x?sslmode=maybe")],
+                "database.url",
+            ),
+            (
+                &[("TICKVAULT_DATABASE__STATEMENT_TIMEOUT_MS", "0")],
+                "database.statement_timeout_ms",
+            ),
+            (&[("TICKVAULT_NATS__USER", "feeder")], "nats.password_file"),
+            (&[("TICKVAULT_NATS__PASSWORD_FILE", "file")], "nats.user"),
+            (
+                &[
+                    ("TICKVAULT_NATS__TOKEN_FILE", "file"),
+                    ("TICKVAULT_NATS__NKEY_FILE", "file"),
+                ],
+                "nats.nkey_file",
+            ),
+            (&[("TICKVAULT_NATS__NKEY_FILE", "file")], "nats.nkey_file"),
+            (&[("TICKVAULT_NATS__CREDS_FILE", "file")], "nats.creds_file"),
+            (
+                &[("TICKVAULT_NATS__TOKEN_FILE", "missing")],
+                "nats.token_file",
+            ),
+            (&[("TICKVAULT_NATS__TLS_CA", "missing")], "nats.tls_ca"),
+            (&[("TICKVAULT_NATS__TLS_CERT", "file")], "nats.tls_key"),
+            (
+                &[("NATS_URL", "nats://a:1@n1:4222,nats://b:2@n2:4222")],
+                "nats.url",
+            ),
+            (&[("NATS_URL", "nats://n1:4222,http://n2")], "nats.url"),
+        ];
+        for (env, key) in cases {
+            let mut message = String::new();
+            Jail::expect_with(|jail| {
+                jail.create_file("file", "not a seed, not creds")?;
+                jail.create_file("empty", "\n")?;
+                for (name, value) in *env {
+                    jail.set_env(name, value);
+                }
+                message = load_in_jail().unwrap_err().to_string();
+                Ok(())
+            });
+            assert!(
+                message.contains(key),
+                "{env:?}: error {message:?} does not name {key}"
+            );
+        }
     }
 
     #[test]

@@ -31,6 +31,11 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.next = self.first;
     }
+
+    /// From now on wait the longest: for a failure only an operator can fix.
+    pub fn jump_to_max(&mut self) {
+        self.next = self.max;
+    }
 }
 
 #[cfg(test)]
@@ -49,5 +54,7 @@ mod tests {
         );
         backoff.reset();
         assert!(backoff.next_delay() <= Duration::from_millis(120));
+        backoff.jump_to_max();
+        assert!(backoff.next_delay() >= Duration::from_millis(320));
     }
 }

@@ -1,4 +1,6 @@
-//! The PostgreSQL side: the pool and the health check here; the schema in
+//! The PostgreSQL side: the connection options (URL + TLS + password file +
+//! server-side limits, built in [`connect_options`]), the pool, the bounded
+//! read transaction of history and the health check here; the schema in
 //! [`migrate`]; [`supervise`] watches the database and migrates once it is up.
 //! The pool is lazy so the worker starts while the database is down.
 
@@ -11,20 +13,32 @@ pub use supervise::supervise;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, PgPool};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
+use sqlx::{ConnectOptions, Connection, PgPool, Postgres, Transaction};
 
-use crate::config::DatabaseConfig;
+use crate::config::{DatabaseConfig, SslMode};
 use crate::ops::metrics::DbFailureKind;
+use crate::secret::{Secret, SecretFileError};
 
 const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Set on every connection: a statement waiting longer than this for a lock
+/// fails (SQLSTATE 55P03, retried as "unavailable") instead of queueing
+/// behind a stuck session forever.
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Set on every connection: the server ends a session left idle inside a
+/// transaction this long, releasing its locks and its connection slot.
+pub const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("database.url {url} is not a usable PostgreSQL URL: {source}")]
     BadUrl { url: String, source: sqlx::Error },
+    #[error("database.password_file cannot be used: {0}")]
+    PasswordFile(#[source] SecretFileError),
     #[error("health check timed out after {0:?}: is the database overloaded or unreachable?")]
     Timeout(Duration),
+    #[error("the database refused tickvault's connection: {source}; {hint}", hint = auth_hint(source))]
+    Auth { source: sqlx::Error },
     #[error("database check failed: {0}")]
     Query(#[source] sqlx::Error),
     #[error(
@@ -34,14 +48,49 @@ pub enum DbError {
 }
 
 impl DbError {
+    /// A failed connection or statement: authentication and TLS failures
+    /// apart, as only an operator can fix them.
+    pub fn from_sqlx(error: sqlx::Error) -> DbError {
+        if failure(&error) == Failure::Auth {
+            DbError::Auth { source: error }
+        } else {
+            DbError::Query(error)
+        }
+    }
+
     /// The failure's label, telling apart what an operator fixes differently.
     pub fn kind(&self) -> DbFailureKind {
         match self {
             DbError::Timeout(_) => DbFailureKind::Timeout,
+            DbError::Auth { .. } | DbError::PasswordFile(_) => DbFailureKind::Authentication,
             DbError::Query(e) => classify(e),
             _ => DbFailureKind::Other,
         }
     }
+}
+
+/// The settings to fix when the server refuses tickvault (SQLSTATE class
+/// 28, a TLS failure, a certificate the client cannot use).
+fn auth_hint(error: &sqlx::Error) -> &'static str {
+    match error {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("28P01") => {
+            "check the password: database.password_file, or the password in database.url"
+        }
+        sqlx::Error::Database(_) => {
+            "check the user in database.url and that the server's pg_hba.conf admits it this way (a hostssl-only server needs database.sslmode require or stricter)"
+        }
+        sqlx::Error::Tls(_) | sqlx::Error::Io(_) => {
+            "check database.sslmode, and database.sslrootcert (the CA that signed the server's certificate), or database.sslcert / database.sslkey"
+        }
+        _ => "check database.url and the database.ssl* settings",
+    }
+}
+
+/// A TLS failure (handshake, certificate) that reached sqlx as an I/O error.
+fn is_tls_failure(error: &std::io::Error) -> bool {
+    error
+        .get_ref()
+        .is_some_and(|inner| inner.is::<rustls::Error>())
 }
 
 pub fn classify(error: &sqlx::Error) -> DbFailureKind {
@@ -77,6 +126,7 @@ pub enum Failure {
 
 pub fn failure(error: &sqlx::Error) -> Failure {
     match error {
+        sqlx::Error::Io(io) if is_tls_failure(io) => Failure::Auth,
         sqlx::Error::Io(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
@@ -117,21 +167,63 @@ pub struct Database {
     pub(crate) config: DatabaseConfig,
 }
 
+/// The one place connection options are made: the URL, then the
+/// `database.*` settings over it (sslmode, certificates, the password from
+/// `database.password_file`), then the server-side limits every session gets.
+pub fn connect_options(config: &DatabaseConfig) -> Result<PgConnectOptions, DbError> {
+    let mut options =
+        PgConnectOptions::from_str(config.url.expose()).map_err(|source| DbError::BadUrl {
+            url: config.url.redacted(),
+            source,
+        })?;
+    if let Some(mode) = config.sslmode {
+        options = options.ssl_mode(match mode {
+            SslMode::Disable => PgSslMode::Disable,
+            SslMode::Prefer => PgSslMode::Prefer,
+            SslMode::Require => PgSslMode::Require,
+            SslMode::VerifyCa => PgSslMode::VerifyCa,
+            SslMode::VerifyFull => PgSslMode::VerifyFull,
+        });
+    }
+    if let Some(path) = &config.sslrootcert {
+        options = options.ssl_root_cert(path);
+    }
+    if let Some(path) = &config.sslcert {
+        options = options.ssl_client_cert(path);
+    }
+    if let Some(path) = &config.sslkey {
+        options = options.ssl_client_key(path);
+    }
+    if let Some(path) = &config.password_file {
+        let password = Secret::read_file(path).map_err(DbError::PasswordFile)?;
+        options = options.password(password.expose());
+    }
+    Ok(options
+        .application_name("tickvault")
+        .options([
+            ("lock_timeout", millis(LOCK_TIMEOUT)),
+            (
+                "idle_in_transaction_session_timeout",
+                millis(IDLE_IN_TRANSACTION_TIMEOUT),
+            ),
+        ])
+        .log_statements(tracing::log::LevelFilter::Debug)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(2)))
+}
+
+/// A duration as a PostgreSQL setting value.
+fn millis(duration: Duration) -> String {
+    format!("{}ms", duration.as_millis())
+}
+
 impl Database {
     /// Builds the pool without connecting: the first use connects.
     pub fn connect_lazy(config: &DatabaseConfig) -> Result<Database, DbError> {
-        let options = PgConnectOptions::from_str(config.url.expose())
-            .map_err(|source| DbError::BadUrl {
-                url: config.url.redacted(),
-                source,
-            })?
-            .application_name("tickvault")
-            .log_statements(tracing::log::LevelFilter::Debug)
-            .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(2));
+        let options = connect_options(config)?;
         let pool = PgPoolOptions::new()
             .min_connections(config.pool_min)
             .max_connections(config.pool_max)
-            .acquire_timeout(Duration::from_millis(config.acquire_timeout_ms))
+            .acquire_timeout(config.acquire_timeout())
             .connect_lazy_with(options.clone());
         Ok(Database {
             pool,
@@ -157,11 +249,11 @@ impl Database {
                         let _ = conn.close().await;
                         Ok(())
                     }
-                    Ok(Err(e)) => Err(DbError::Query(e)),
+                    Ok(Err(e)) => Err(DbError::from_sqlx(e)),
                     Err(_) => Err(DbError::Timeout(HEALTH_CHECK_TIMEOUT)),
                 }
             }
-            Ok(Err(e)) => Err(DbError::Query(e)),
+            Ok(Err(e)) => Err(DbError::from_sqlx(e)),
             Err(_) => Err(DbError::Timeout(HEALTH_CHECK_TIMEOUT)),
         }
     }
@@ -169,11 +261,93 @@ impl Database {
     pub fn pool_max(&self) -> u32 {
         self.config.pool_max
     }
+
+    /// A read-only transaction whose statements PostgreSQL itself cancels
+    /// after `database.statement_timeout_ms` (and whose lock waits end as
+    /// soon): a slow history query ends on the server, not only in the
+    /// client, and its connection returns to the pool clean.
+    pub async fn begin_read(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        let mut tx = self.pool.begin_with("BEGIN READ ONLY").await?;
+        sqlx::query(
+            "SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $1, true)",
+        )
+        .bind(millis(self.config.statement_timeout()))
+        .execute(&mut *tx)
+        .await?;
+        Ok(tx)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret::SecretUrl;
+
+    fn config(url: &str) -> DatabaseConfig {
+        DatabaseConfig {
+            url: SecretUrl::new(url),
+            ..DatabaseConfig::default()
+        }
+    }
+
+    #[test]
+    fn an_explicit_sslmode_beats_the_url_which_beats_prefer() {
+        let ssl_mode = |config: &DatabaseConfig| connect_options(config).unwrap().get_ssl_mode();
+        assert!(matches!(
+            ssl_mode(&config("postgres://u@db/x")),
+            PgSslMode::Prefer
+        ));
+        let mut from_url = config("postgres://u@db/x?sslmode=require");
+        assert!(matches!(ssl_mode(&from_url), PgSslMode::Require));
+        from_url.sslmode = Some(SslMode::VerifyFull);
+        assert!(matches!(ssl_mode(&from_url), PgSslMode::VerifyFull));
+    }
+
+    #[test]
+    fn every_connection_gets_the_server_side_limits() {
+        let options =
+            connect_options(&config("postgres://u@db/x?options=-c%20work_mem%3D8MB")).unwrap();
+        let startup = options.get_options().unwrap();
+        for expected in [
+            "work_mem=8MB",
+            "lock_timeout=10000ms",
+            "idle_in_transaction_session_timeout=60000ms",
+        ] {
+            assert!(startup.contains(expected), "{startup}");
+        }
+    }
+
+    #[test]
+    fn an_unreadable_password_file_names_the_setting() {
+        let mut config = config("postgres://u@db/x");
+        config.password_file = Some("/nonexistent/db-password".into());
+        let error = connect_options(&config).unwrap_err();
+        assert!(
+            error.to_string().contains("database.password_file"),
+            "{error}"
+        );
+        assert_eq!(error.kind(), DbFailureKind::Authentication);
+    }
+
+    #[test]
+    fn tls_and_login_failures_are_auth_failures_that_name_the_setting() {
+        let certificate = sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        ));
+        assert_eq!(failure(&certificate), Failure::Auth);
+        assert_eq!(classify(&certificate), DbFailureKind::Authentication);
+        let error = DbError::from_sqlx(certificate);
+        assert!(
+            error.to_string().contains("database.sslrootcert"),
+            "{error}"
+        );
+        let plain_io = sqlx::Error::Io(std::io::ErrorKind::InvalidData.into());
+        assert_eq!(failure(&plain_io), Failure::Unavailable);
+        let no_tls = DbError::from_sqlx(sqlx::Error::Tls("server does not support TLS".into()));
+        assert_eq!(no_tls.kind(), DbFailureKind::Authentication);
+        assert!(no_tls.to_string().contains("database.sslmode"), "{no_tls}");
+    }
 
     #[test]
     fn sqlstates_map_to_what_the_caller_does() {

@@ -7,13 +7,15 @@ use tokio_util::sync::CancellationToken;
 
 use super::Database;
 use crate::ops::health::Status;
-use crate::ops::metrics::Metrics;
+use crate::ops::metrics::{DbFailureKind, Metrics};
 use crate::retry::Backoff;
 
 const HEALTHY_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// Watches the database until shutdown: health checks (every 2 s while up,
 /// with capped exponential backoff while down), migrations once it is up.
+/// A refused login or TLS failure is not transient: it is shown on `/health`
+/// as `auth_failed` and checked again only at the longest interval.
 pub async fn supervise(
     db: Database,
     migrate: bool,
@@ -26,6 +28,11 @@ pub async fn supervise(
     status.set_schema_ready(schema_ready);
     loop {
         let check = db.health_check().await;
+        let auth_failed = matches!(&check, Err(e) if e.kind() == DbFailureKind::Authentication);
+        status.set_db_auth_failed(auth_failed);
+        if auth_failed {
+            backoff.jump_to_max();
+        }
         let up = match &check {
             Ok(()) => true,
             Err(e) => {

@@ -29,8 +29,10 @@ pub const QUEUE_GROUP: &str = "tickvault-history";
 const FALLBACK_MAX_PAYLOAD: usize = 1024 * 1024;
 /// Room kept for the reply envelope (`{"rows":[` ... `],"next_cursor":"..."}`).
 const ENVELOPE_MARGIN: usize = 1024;
-/// A query taking longer than this is answered 503 (the database is struggling).
-const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Added to the pool's acquire timeout and the server-side statement timeout
+/// for the client-side bound, so PostgreSQL cancels a slow query (and the
+/// connection returns clean) before the client would give up on it.
+const CLIENT_TIMEOUT_MARGIN: Duration = Duration::from_secs(5);
 /// How long shutdown waits for requests being answered.
 const DRAIN_BOUND: Duration = Duration::from_secs(5);
 
@@ -201,16 +203,23 @@ async fn handle(context: &Context, record_type: RecordType, request: async_nats:
 }
 
 /// Runs the query and writes the reply: as many rows as fit in `max_payload`
-/// (and `limit`), and a cursor when more rows match.
+/// (and `limit`), and a cursor when more rows match. The query is bounded on
+/// the server by `database.statement_timeout_ms` (answered 503); the
+/// client-side bound is only a last resort for an unresponsive server.
 pub async fn answer(
     db: &Database,
     query: &Query,
     max_payload: usize,
 ) -> Result<Bytes, HistoryError> {
-    match tokio::time::timeout(QUERY_TIMEOUT, write_reply(db, query, max_payload)).await {
+    let bound = client_timeout(db);
+    match tokio::time::timeout(bound, write_reply(db, query, max_payload)).await {
         Ok(result) => result,
-        Err(_) => Err(HistoryError::Timeout(QUERY_TIMEOUT)),
+        Err(_) => Err(HistoryError::Timeout(bound)),
     }
+}
+
+fn client_timeout(db: &Database) -> Duration {
+    db.config.acquire_timeout() + db.config.statement_timeout() + CLIENT_TIMEOUT_MARGIN
 }
 
 async fn write_reply(
@@ -224,7 +233,8 @@ async fn write_reply(
     let fit = (budget / query::min_row_bytes(spec)).max(1);
     let page = (query.limit as usize).min(fit);
     let (sql, args) = query::build(query, page as i64 + 1)?;
-    let mut rows = sqlx::query_with(&sql, args).fetch(&db.pool);
+    let mut tx = db.begin_read().await?;
+    let mut rows = sqlx::query_with(&sql, args).fetch(&mut *tx);
 
     let mut out = Vec::with_capacity(budget.min(64 * 1024));
     out.extend_from_slice(b"{\"rows\":[");
@@ -255,6 +265,7 @@ async fn write_reply(
         last = Some(key);
     }
     drop(rows);
+    tx.commit().await?;
     out.extend_from_slice(b"],\"next_cursor\":");
     match last.filter(|_| more) {
         Some(key) => {

@@ -10,6 +10,8 @@ use crate::records::RecordType;
 /// Shared flags, each set by the one component that knows.
 pub struct Status {
     db_up: AtomicBool,
+    /// The last check failed on authentication or TLS (an operator must act).
+    db_auth_failed: AtomicBool,
     schema_ready: AtomicBool,
     /// One per record type: its consumer or subscription is in place.
     intake_ready: [AtomicBool; 5],
@@ -22,6 +24,10 @@ pub struct Status {
 pub struct HealthReport {
     pub status: &'static str,
     pub database: &'static str,
+    /// Why the database is down when that is not transient: `auth_failed`
+    /// (login or TLS refused). Absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_error: Option<&'static str>,
     pub nats: &'static str,
     pub queues: BTreeMap<&'static str, usize>,
 }
@@ -37,6 +43,7 @@ impl Status {
     pub fn new() -> Self {
         Self {
             db_up: AtomicBool::new(false),
+            db_auth_failed: AtomicBool::new(false),
             schema_ready: AtomicBool::new(false),
             intake_ready: Default::default(),
             history_ready: AtomicBool::new(false),
@@ -46,6 +53,10 @@ impl Status {
 
     pub fn set_db_up(&self, up: bool) {
         self.db_up.store(up, Ordering::Relaxed);
+    }
+
+    pub fn set_db_auth_failed(&self, failed: bool) {
+        self.db_auth_failed.store(failed, Ordering::Relaxed);
     }
 
     pub fn db_up(&self) -> bool {
@@ -77,6 +88,8 @@ impl Status {
                 "degraded"
             },
             database: if db_up { "up" } else { "down" },
+            database_error: (!db_up && self.db_auth_failed.load(Ordering::Relaxed))
+                .then_some("auth_failed"),
             nats: if nats_connected {
                 "connected"
             } else {

@@ -398,7 +398,12 @@ impl Metrics {
                         .get()
                         == 1
                 {
-                    tracing::warn!(kind = kind.as_str(), error = %error, "database is down; retrying with backoff");
+                    if kind == DbFailureKind::Authentication {
+                        tracing::error!(kind = kind.as_str(), error = %error,
+                            "the database refuses tickvault's login or TLS; fix the setting named in the error (checked again at the longest retry interval)");
+                    } else {
+                        tracing::warn!(kind = kind.as_str(), error = %error, "database is down; retrying with backoff");
+                    }
                 }
                 self.db_up.set(0);
             }

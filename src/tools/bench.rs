@@ -198,7 +198,7 @@ pub async fn run(config: &Config, args: BenchArgs) -> Result<(), BenchError> {
     let admin = PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(Duration::from_secs(10))
-        .connect(config.database.url.expose())
+        .connect_with(tickvault::db::connect_options(&config.database)?)
         .await
         .map_err(db_error(format!("connect to {}", config.database.url)))?;
     let database = format!("tickvault_bench_{id}");
