@@ -80,6 +80,8 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
         }
         Command::Migrate => {
             let db = tickvault::db::Database::connect_lazy(&config.database)?;
+            // A refused login or certificate says which setting to fix.
+            db.health_check().await?;
             db.migrate().await?;
             println!("migrations applied to {}", config.database.url);
         }

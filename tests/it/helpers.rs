@@ -169,15 +169,13 @@ pub async fn start(config: Config) -> TestApp {
     let handle = tokio::spawn(built.run_until_stopped(async move {
         let _ = stopped.await;
     }));
-    let nats = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connect(config.nats.url.expose())
+    // The test's own connections use the app's settings (TLS, credentials).
+    let nats = tickvault::nats::connect(&config.nats, |options| options.retry_on_initial_connect())
         .await
         .expect("test NATS client");
     let pool = PgPoolOptions::new()
         .max_connections(4)
-        .connect_lazy(config.database.url.expose())
-        .expect("test pool");
+        .connect_lazy_with(tickvault::db::connect_options(&config.database).expect("test pool"));
     TestApp {
         _streams: StreamCleanup {
             nats_url: config.nats.url.expose().to_string(),
@@ -530,17 +528,28 @@ fn is_root() -> bool {
 
 impl PgServer {
     pub fn start() -> PgServer {
+        Self::start_with(|_| {})
+    }
+
+    /// Like [`PgServer::start`]; `configure` gets the data directory after
+    /// `initdb` to write files there (certificates, `pg_hba.conf`, lines
+    /// appended to `postgresql.conf`) before the server starts. The unix
+    /// socket of [`PgServer::psql`] stays `trust` unless `pg_hba.conf` changes it.
+    pub fn start_with(configure: impl FnOnce(&std::path::Path)) -> PgServer {
         let dir = tempfile::Builder::new()
             .prefix("tickvault-pg-")
             .tempdir()
             .unwrap();
-        if is_root() {
-            Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(dir.path())
-                .status()
-                .unwrap();
-        }
+        let chown = |path: &std::path::Path| {
+            if is_root() {
+                Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(path)
+                    .status()
+                    .unwrap();
+            }
+        };
+        chown(dir.path());
         let status = pg_command("initdb")
             .args(["-U", "postgres", "--auth=trust", "-D"])
             .arg(dir.path().join("data"))
@@ -549,6 +558,8 @@ impl PgServer {
             .status()
             .expect("initdb is installed");
         assert!(status.success(), "initdb failed");
+        configure(&dir.path().join("data"));
+        chown(&dir.path().join("data"));
         let mut server = PgServer {
             port: free_port(),
             dir,
@@ -568,6 +579,29 @@ impl PgServer {
 
     fn data(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// Runs `sql` as `postgres` through the unix socket; panics on failure.
+    pub fn psql(&self, sql: &str) {
+        let output = Command::new("psql")
+            .arg("-h")
+            .arg(self.dir.path())
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+            ])
+            .args(["-v", "ON_ERROR_STOP=1", "-q", "-c", sql])
+            .output()
+            .expect("psql is installed");
+        assert!(
+            output.status.success(),
+            "psql failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 
     pub fn resume(&mut self) {
