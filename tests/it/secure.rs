@@ -844,3 +844,43 @@ async fn creds_file_with_an_operator_account_and_user_jwt() {
     ));
     refused(&wrong, "nats.creds_file", &stranger.seed().unwrap()).await;
 }
+
+/// `nats.url` as a list whose first server is down: the worker, the test's
+/// client and the CLI all reach the live one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_list_whose_first_server_is_down_still_connects() {
+    let list = format!("nats://127.0.0.1:{}, {}", free_port(), shared_nats_url());
+    let app = spawn_app(|config| config.nats.url = SecretUrl::new(list.clone())).await;
+    // The app's own clean-up connects to one URL, not a list.
+    let _streams = StreamCleanup {
+        nats_url: shared_nats_url(),
+        stream: app.config.ingest.stream.clone(),
+    };
+    app.publish_json("tick", "FPT", &tick("FPT", 1)).await;
+    app.wait_for_rows("tick_data", 1).await;
+    let output = Command::new(env!("CARGO_BIN_EXE_tickvault"))
+        .env("NATS_URL", &list)
+        .env(
+            "TICKVAULT_HISTORY__SUBJECT_PREFIX",
+            &app.config.history.subject_prefix,
+        )
+        .env("RUST_LOG", "error")
+        .args([
+            "history",
+            "ticks",
+            "FPT",
+            "--from",
+            "2026-11-26",
+            "--to",
+            "2026-11-26",
+        ])
+        .args(["--format", "csv", "--timeout", "10"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout).lines().count(), 2);
+}
