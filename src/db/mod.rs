@@ -267,14 +267,13 @@ impl Database {
     /// soon): a slow history query ends on the server, not only in the
     /// client, and its connection returns to the pool clean.
     pub async fn begin_read(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-        let mut tx = self.pool.begin_with("BEGIN READ ONLY").await?;
-        sqlx::query(
-            "SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $1, true)",
-        )
-        .bind(millis(self.config.statement_timeout()))
-        .execute(&mut *tx)
-        .await?;
-        Ok(tx)
+        // One round trip; the value is a number from the configuration.
+        let limit = millis(self.config.statement_timeout());
+        self.pool
+            .begin_with(format!(
+                "BEGIN READ ONLY; SET LOCAL statement_timeout = '{limit}'; SET LOCAL lock_timeout = '{limit}'"
+            ))
+            .await
     }
 }
 
