@@ -10,3 +10,4 @@ mod history;
 mod ingest;
 mod lifecycle;
 mod migrations;
+mod timescale;
