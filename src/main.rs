@@ -82,8 +82,11 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             let db = tickvault::db::Database::connect_lazy(&config.database)?;
             // A refused login or certificate says which setting to fix.
             db.health_check().await?;
-            db.migrate().await?;
-            println!("migrations applied to {}", config.database.url);
+            let storage = db.migrate().await?;
+            println!(
+                "migrations applied to {} (storage: {storage})",
+                config.database.url
+            );
         }
         Command::Config => print!("{}", config.to_redacted_toml()),
         Command::History(args) => return Ok(tools::history::run(&config, args).await?),

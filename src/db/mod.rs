@@ -1,14 +1,16 @@
 //! The PostgreSQL side: the connection options (URL + TLS + password file +
 //! server-side limits, built in [`connect_options`]), the pool, the bounded
 //! read transaction of history and the health check here; the schema in
-//! [`migrate`]; [`supervise`] watches the database and migrates once it is up.
+//! [`migrate`]; TimescaleDB's reconciliation and version guard in
+//! [`timescale`]; [`supervise`] watches the database and migrates once it is up.
 //! The pool is lazy so the worker starts while the database is down.
 
 mod migrate;
 mod supervise;
+mod timescale;
 
-pub use migrate::MIGRATOR;
 pub use supervise::supervise;
+pub use timescale::{Storage, TimescaleError};
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -45,6 +47,10 @@ pub enum DbError {
         "migrations failed: {0}; check the database's log and that the user may create tables"
     )]
     Migrate(#[source] sqlx::migrate::MigrateError),
+    #[error("this database was migrated by a newer tickvault (migration {0} is unknown to this one): run that version or a newer one")]
+    NewerSchema(i64),
+    #[error(transparent)]
+    Timescale(#[from] TimescaleError),
 }
 
 impl DbError {
@@ -65,6 +71,14 @@ impl DbError {
             DbError::Auth { .. } | DbError::PasswordFile(_) => DbFailureKind::Authentication,
             DbError::Query(e) => classify(e),
             _ => DbFailureKind::Other,
+        }
+    }
+
+    /// The storage found before the error, when it is known.
+    pub fn storage(&self) -> Option<Storage> {
+        match self {
+            DbError::Timescale(e) => e.storage(),
+            _ => None,
         }
     }
 }
@@ -144,8 +158,9 @@ pub fn failure(error: &sqlx::Error) -> Failure {
 fn failure_of_sqlstate(code: &str) -> Failure {
     // 08 connection exception, 53 insufficient resources, 57P operator
     // intervention (shutdown), 57014 statement timeout, 55P03 lock timeout,
-    // 40 serialization failure or deadlock, 58 system (I/O) error.
-    const UNAVAILABLE: [&str; 7] = ["08", "53", "57P", "57014", "55P03", "40", "58"];
+    // 40 serialization failure or deadlock, 58 system (I/O) error, 25006 a
+    // read-only session (a standby, or storage the version guard refuses).
+    const UNAVAILABLE: [&str; 8] = ["08", "53", "57P", "57014", "55P03", "40", "58", "25006"];
     if UNAVAILABLE.iter().any(|prefix| code.starts_with(prefix)) {
         Failure::Unavailable
     } else if code.starts_with("28") {
@@ -224,6 +239,7 @@ impl Database {
             .min_connections(config.pool_min)
             .max_connections(config.pool_max)
             .acquire_timeout(config.acquire_timeout())
+            .after_connect(|conn, _| Box::pin(timescale::guard_session(conn)))
             .connect_lazy_with(options.clone());
         Ok(Database {
             pool,
@@ -357,6 +373,7 @@ mod tests {
             ("57014", Failure::Unavailable),
             ("55P03", Failure::Unavailable),
             ("40P01", Failure::Unavailable),
+            ("25006", Failure::Unavailable),
             ("28P01", Failure::Auth),
             ("28000", Failure::Auth),
             ("42P01", Failure::Schema),

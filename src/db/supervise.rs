@@ -13,9 +13,11 @@ use crate::retry::Backoff;
 const HEALTHY_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// Watches the database until shutdown: health checks (every 2 s while up,
-/// with capped exponential backoff while down), migrations once it is up.
-/// A refused login or TLS failure is not transient: it is shown on `/health`
-/// as `auth_failed` and checked again only at the longest interval.
+/// with capped exponential backoff while down), and once it is up the
+/// migrations (or, with `migrate` off, the storage check alone) until they
+/// pass: the schema is ready only then. A refused login or TLS failure is
+/// not transient: it is shown on `/health` as `auth_failed` and checked
+/// again only at the longest interval.
 pub async fn supervise(
     db: Database,
     migrate: bool,
@@ -24,8 +26,8 @@ pub async fn supervise(
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(15));
-    let mut schema_ready = !migrate;
-    status.set_schema_ready(schema_ready);
+    let mut schema_ready = false;
+    status.set_schema_ready(false);
     loop {
         let check = db.health_check().await;
         let auth_failed = matches!(&check, Err(e) if e.kind() == DbFailureKind::Authentication);
@@ -43,14 +45,23 @@ pub async fn supervise(
         if up {
             metrics.db_checked(Ok(()));
             if !schema_ready {
-                match db.migrate().await {
-                    Ok(()) => {
-                        tracing::info!("database schema is up to date");
+                let result = if migrate {
+                    db.migrate().await
+                } else {
+                    db.verify_storage().await
+                };
+                match result {
+                    Ok(storage) => {
+                        tracing::info!(%storage, "database schema is up to date");
+                        status.set_storage(storage);
                         schema_ready = true;
                         status.set_schema_ready(true);
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "could not migrate the database; retrying")
+                        if let Some(storage) = e.storage() {
+                            status.set_storage(storage);
+                        }
+                        tracing::error!(error = %e, "the database is not ready for tickvault; retrying")
                     }
                 }
             }

@@ -2,9 +2,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use serde::Serialize;
 
+use crate::db::Storage;
 use crate::records::RecordType;
 
 /// Shared flags, each set by the one component that knows.
@@ -18,6 +20,7 @@ pub struct Status {
     history_ready: AtomicBool,
     /// Rows waiting per record type.
     queue_rows: [AtomicUsize; 5],
+    storage: Mutex<Storage>,
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -30,6 +33,9 @@ pub struct HealthReport {
     pub database_error: Option<&'static str>,
     pub nats: &'static str,
     pub queues: BTreeMap<&'static str, usize>,
+    /// `{"engine": "timescaledb", "version": "2.18.1"}`, `{"engine": "postgresql"}`,
+    /// or `{"engine": "unknown"}` until the database was reached.
+    pub storage: Storage,
 }
 
 fn slot(record_type: RecordType) -> usize {
@@ -48,6 +54,7 @@ impl Status {
             intake_ready: Default::default(),
             history_ready: AtomicBool::new(false),
             queue_rows: Default::default(),
+            storage: Mutex::new(Storage::Unknown),
         }
     }
 
@@ -75,6 +82,10 @@ impl Status {
         self.history_ready.store(ready, Ordering::Relaxed);
     }
 
+    pub fn set_storage(&self, storage: Storage) {
+        *self.storage.lock().unwrap_or_else(|e| e.into_inner()) = storage;
+    }
+
     pub fn set_queue_rows(&self, record_type: RecordType, rows: usize) {
         self.queue_rows[slot(record_type)].store(rows, Ordering::Relaxed);
     }
@@ -99,6 +110,11 @@ impl Status {
                 .iter()
                 .map(|t| (t.name(), self.queue_rows[slot(*t)].load(Ordering::Relaxed)))
                 .collect(),
+            storage: self
+                .storage
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         }
     }
 

@@ -64,8 +64,11 @@ pub struct RecordSpec {
     pub history_kind: &'static str,
     /// Columns in table order; the first is the identifier, the second `timestamp`.
     pub fields: &'static [Field],
-    /// The unique key, as column names.
+    /// The unique key, as column names: the identifier, `timestamp`, then the rest.
     pub key: &'static [&'static str],
+    /// TimescaleDB only: the time span of one hypertable chunk (a day for
+    /// ticks, the busiest type; a week for the others).
+    pub chunk_interval: &'static str,
     pub conflict: Conflict,
     /// A rule across fields, run after each field passed its own.
     pub check: fn(&[Value]) -> Result<(), Reject>,
@@ -103,6 +106,7 @@ const TICK: RecordSpec = RecordSpec {
         req("seq", NonNegativeInt),
     ],
     key: &["symbol", "timestamp", "seq"],
+    chunk_interval: "1 day",
     conflict: Conflict::KeepFirst,
     check: no_cross_field_rule,
 };
@@ -122,6 +126,7 @@ const CANDLE: RecordSpec = RecordSpec {
         opt("value", NonNegative),
     ],
     key: &["symbol", "timestamp"],
+    chunk_interval: "7 days",
     conflict: Conflict::NewestWins,
     check: candle_range,
 };
@@ -140,6 +145,7 @@ const FOREIGN: RecordSpec = RecordSpec {
         opt("room", NonNegativeInt),
     ],
     key: &["symbol", "timestamp"],
+    chunk_interval: "7 days",
     conflict: Conflict::NewestWins,
     check: no_cross_field_rule,
 };
@@ -161,6 +167,7 @@ const INDEX: RecordSpec = RecordSpec {
         opt("unchanged", NonNegativeInt),
     ],
     key: &["index_name", "timestamp"],
+    chunk_interval: "7 days",
     conflict: Conflict::NewestWins,
     check: no_cross_field_rule,
 };
@@ -178,6 +185,7 @@ const DERIV: RecordSpec = RecordSpec {
         req("volume", NonNegativeInt),
     ],
     key: &["contract", "timestamp"],
+    chunk_interval: "7 days",
     conflict: Conflict::NewestWins,
     check: no_cross_field_rule,
 };

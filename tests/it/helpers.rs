@@ -147,7 +147,16 @@ pub async fn spawn_app(customize: impl FnOnce(&mut Config)) -> TestApp {
 
 /// Like [`spawn_app`], on the NATS server at `nats_url`.
 pub async fn spawn_app_on(nats_url: &str, customize: impl FnOnce(&mut Config)) -> TestApp {
-    let db = TestDatabase::create().await;
+    spawn_app_with(TestDatabase::create().await, nats_url, customize).await
+}
+
+/// Like [`spawn_app`], on the database `db` (dropped with the app) and the
+/// NATS server at `nats_url`.
+pub async fn spawn_app_with(
+    db: TestDatabase,
+    nats_url: &str,
+    customize: impl FnOnce(&mut Config),
+) -> TestApp {
     let mut config = test_config(&db.url, nats_url);
     customize(&mut config);
     let mut app = start(config).await;
@@ -498,20 +507,50 @@ impl Drop for NatsServer {
 }
 
 /// A private PostgreSQL cluster (`initdb` + `pg_ctl`) on a free port, for
-/// tests that stop the database. Runs as the `postgres` user when we are root.
+/// tests that stop the database or need server settings of their own. Runs
+/// as the `postgres` user when we are root.
 pub struct PgServer {
     pub port: u16,
     dir: tempfile::TempDir,
     running: bool,
 }
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The binaries of the newest PostgreSQL installed (`/usr/lib/postgresql/<v>/bin`).
+pub fn pg_bin() -> PathBuf {
+    let newest = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is installed under /usr/lib/postgresql")
+        .filter_map(|entry| entry.ok())
+        .filter_map(|entry| {
+            let version: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .max_by_key(|(version, _)| *version);
+    newest.expect("a PostgreSQL server with initdb").1
+}
+
+/// The share directory of that PostgreSQL (`pg_config --sharedir`; Debian's
+/// `/usr/share/postgresql/<v>` when pg_config is absent): extensions' control
+/// files are in its `extension/`.
+pub fn pg_sharedir() -> PathBuf {
+    let bin = pg_bin();
+    let from_pg_config = Command::new(bin.join("pg_config"))
+        .arg("--sharedir")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    from_pg_config.unwrap_or_else(|| {
+        let version = bin.parent().and_then(|p| p.file_name()).unwrap_or_default();
+        PathBuf::from("/usr/share/postgresql").join(version)
+    })
+}
 
 fn pg_command(program: &str) -> Command {
-    let path = format!("{PG_BIN}/{program}");
+    let path = pg_bin().join(program);
     if is_root() {
         let mut command = Command::new("runuser");
-        command.args(["-u", "postgres", "--", &path]);
+        command.args(["-u", "postgres", "--"]).arg(path);
         command
     } else {
         Command::new(path)
@@ -567,6 +606,17 @@ impl PgServer {
         };
         server.resume();
         server
+    }
+
+    /// Like [`PgServer::start`], with `settings` (lines such as
+    /// `shared_preload_libraries = 'timescaledb'`) added to postgresql.conf.
+    pub fn start_with_settings(settings: &[&str]) -> PgServer {
+        Self::start_with(|data| append_settings(data, settings))
+    }
+
+    /// Adds `settings` to postgresql.conf; they apply from the next (re)start.
+    pub fn configure(&self, settings: &[&str]) {
+        append_settings(&self.data(), settings);
     }
 
     pub fn admin_url(&self) -> String {
@@ -632,6 +682,17 @@ impl PgServer {
             .stderr(Stdio::null())
             .status();
         self.running = false;
+    }
+}
+
+fn append_settings(data: &std::path::Path, settings: &[&str]) {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(data.join("postgresql.conf"))
+        .expect("postgresql.conf is writable");
+    for line in settings {
+        writeln!(file, "{line}").unwrap();
     }
 }
 

@@ -77,7 +77,7 @@ async fn ask(app: &TestApp, kind: &str, body: Value) -> Reply {
 }
 
 /// Follows cursors to the end; returns every row and each reply's size.
-async fn fetch_all(app: &TestApp, kind: &str, mut body: Value) -> (Vec<Value>, Vec<usize>) {
+pub async fn fetch_all(app: &TestApp, kind: &str, mut body: Value) -> (Vec<Value>, Vec<usize>) {
     let mut rows = Vec::new();
     let mut sizes = Vec::new();
     loop {

@@ -11,3 +11,4 @@ mod ingest;
 mod lifecycle;
 mod migrations;
 mod secure;
+mod timescale;

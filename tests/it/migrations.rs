@@ -115,3 +115,51 @@ async fn tickvault_migrate_applies_the_migrations_from_the_command_line() {
     assert_eq!(tables, 5);
     pool.close().await;
 }
+
+/// Records an applied migration as sqlx does.
+async fn record_applied(pool: &sqlx::PgPool, version: i64, description: &str) {
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES ($1, $2, true, '\\x00', 0)",
+    )
+    .bind(version)
+    .bind(description)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_database_migrated_by_the_previous_version_still_migrates() {
+    let db = TestDatabase::create().await;
+    let mut config = tickvault::Config::default();
+    config.database.url = tickvault::secret::SecretUrl::new(&db.url);
+    let database = Database::connect_lazy(&config.database).unwrap();
+    database.migrate().await.unwrap();
+    let pool = db.pool().await;
+    // The previous version's one-shot TimescaleDB migration, now retired.
+    record_applied(&pool, 20261126000002, "timescaledb").await;
+
+    let storage = database.migrate().await.unwrap();
+    assert_eq!(storage, tickvault::db::Storage::Postgresql);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tickvault"))
+        .arg("migrate")
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // A migration no tickvault this old knows is still refused.
+    record_applied(&pool, 20991231000000, "from the future").await;
+    let error = database.migrate().await.unwrap_err().to_string();
+    assert!(
+        error.contains("20991231000000") && error.contains("newer tickvault"),
+        "{error}"
+    );
+    pool.close().await;
+    database.pool.close().await;
+}
