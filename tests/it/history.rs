@@ -17,7 +17,7 @@ use crate::helpers::{
 
 const SMALL_PAYLOAD: usize = 65_536;
 
-fn local(text: &str) -> DateTime<Utc> {
+pub(crate) fn local(text: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(text)
         .unwrap()
         .with_timezone(&Utc)
@@ -28,32 +28,32 @@ fn market() -> FixedOffset {
 }
 
 /// One reply: its headers (when any), the payload size and its JSON.
-struct Reply {
-    headers: Option<async_nats::HeaderMap>,
-    size: usize,
-    json: Value,
+pub(crate) struct Reply {
+    pub headers: Option<async_nats::HeaderMap>,
+    pub size: usize,
+    pub json: Value,
 }
 
 impl Reply {
-    fn header(&self, name: &str) -> Option<String> {
+    pub fn header(&self, name: &str) -> Option<String> {
         self.headers
             .as_ref()
             .and_then(|h| h.get(name))
             .map(|v| v.as_str().to_string())
     }
 
-    fn rows(&self) -> &Vec<Value> {
+    pub fn rows(&self) -> &Vec<Value> {
         self.json["rows"]
             .as_array()
             .unwrap_or_else(|| panic!("a reply with rows: {}", self.json))
     }
 
-    fn code(&self) -> u64 {
+    pub fn code(&self) -> u64 {
         self.json["error"]["code"].as_u64().unwrap_or(200)
     }
 }
 
-async fn ask_raw(nats: &async_nats::Client, subject: String, body: Vec<u8>) -> Reply {
+pub(crate) async fn ask_raw(nats: &async_nats::Client, subject: String, body: Vec<u8>) -> Reply {
     let message = tokio::time::timeout(
         Duration::from_secs(30),
         nats.send_request(subject, async_nats::Request::new().payload(body.into())),
@@ -68,11 +68,11 @@ async fn ask_raw(nats: &async_nats::Client, subject: String, body: Vec<u8>) -> R
     }
 }
 
-fn subject(app: &TestApp, kind: &str) -> String {
+pub(crate) fn subject(app: &TestApp, kind: &str) -> String {
     format!("{}.{kind}", app.config.history.subject_prefix)
 }
 
-async fn ask(app: &TestApp, kind: &str, body: Value) -> Reply {
+pub(crate) async fn ask(app: &TestApp, kind: &str, body: Value) -> Reply {
     ask_raw(&app.nats, subject(app, kind), body.to_string().into_bytes()).await
 }
 
@@ -99,7 +99,13 @@ async fn fetch_all(app: &TestApp, kind: &str, mut body: Value) -> (Vec<Value>, V
 
 /// Inserts one row of `record_type` whose values all derive from `n`; the
 /// optional fields are NULL when `n` is odd.
-async fn insert(pool: &PgPool, record_type: RecordType, symbol: &str, ts: DateTime<Utc>, n: i64) {
+pub(crate) async fn insert(
+    pool: &PgPool,
+    record_type: RecordType,
+    symbol: &str,
+    ts: DateTime<Utc>,
+    n: i64,
+) {
     let spec = record_type.spec();
     let columns: Vec<String> = spec.column_names().map(|c| format!("\"{c}\"")).collect();
     let params: Vec<String> = (1..=columns.len()).map(|i| format!("${i}")).collect();
@@ -490,14 +496,14 @@ async fn candle_intervals_aggregate_in_market_time_and_paginate() {
 }
 
 /// A private nats-server whose max payload is 64 KiB.
-fn small_payload_server() -> (NatsServer, tempfile::NamedTempFile) {
+pub(crate) fn small_payload_server() -> (NatsServer, tempfile::NamedTempFile) {
     let mut file = tempfile::NamedTempFile::new().unwrap();
     writeln!(file, "max_payload: {SMALL_PAYLOAD}").unwrap();
     let path = file.path().to_str().unwrap().to_string();
     (NatsServer::start_with(&["-c", &path]), file)
 }
 
-async fn start_on(nats_url: &str) -> (TestApp, TestDatabase) {
+pub(crate) async fn start_on(nats_url: &str) -> (TestApp, TestDatabase) {
     let db = TestDatabase::create().await;
     let app = start(test_config(&db.url, nats_url)).await;
     app.wait_ready().await;
@@ -771,10 +777,18 @@ async fn the_service_answers_ping_info_and_stats() {
         })
         .collect();
     subjects.sort();
-    let mut expected: Vec<String> = ["candles", "derivatives", "foreign", "index", "ticks"]
-        .iter()
-        .map(|k| subject(&app, k))
-        .collect();
+    let mut expected: Vec<String> = [
+        "candles",
+        "derivatives",
+        "foreign",
+        "index",
+        "latest",
+        "symbols",
+        "ticks",
+    ]
+    .iter()
+    .map(|k| subject(&app, k))
+    .collect();
     expected.sort();
     assert_eq!(subjects, expected);
     ask(

@@ -8,5 +8,6 @@ mod bad_input;
 mod config_cli;
 mod history;
 mod ingest;
+mod latest;
 mod lifecycle;
 mod migrations;
