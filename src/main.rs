@@ -37,6 +37,8 @@ enum Command {
     Latest(tools::latest::LatestArgs),
     /// Every stored symbol of a kind, with its first and last timestamps.
     Symbols(tools::latest::SymbolsArgs),
+    /// Inspect and replay dead letters (stats, show, replay).
+    Dlq(tools::dlq::DlqArgs),
     /// Publish a synthetic market feed to NATS.
     Feed(tools::feed::FeedArgs),
     /// Measure ingest throughput against a baseline.
@@ -114,6 +116,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
         Command::History(args) => tools::history::run(&config, args).await?,
         Command::Latest(args) => tools::latest::run_latest(&config, args).await?,
         Command::Symbols(args) => tools::latest::run_symbols(&config, args).await?,
+        Command::Dlq(args) => tools::dlq::run(&config, args).await?,
         Command::Feed(args) => tools::feed::run(&config, args).await?,
         Command::Bench(args) => tools::bench::run(&config, args).await?,
         Command::Health { url } => {
