@@ -12,3 +12,4 @@ mod ingest;
 mod latest;
 mod lifecycle;
 mod migrations;
+mod progress;
