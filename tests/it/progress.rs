@@ -20,6 +20,7 @@ fn stderr_of(output: &std::process::Output) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_feed_warns_when_no_stream_keeps_its_publishes_and_logs_progress() {
     // A prefix no stream captures.
+    let dir = tempfile::tempdir().unwrap();
     let output = tokio::task::block_in_place(|| {
         Command::new(env!("CARGO_BIN_EXE_tickvault"))
             .args([
@@ -31,7 +32,7 @@ async fn the_feed_warns_when_no_stream_keeps_its_publishes_and_logs_progress() {
                 "--progress",
                 "300ms",
             ])
-            .current_dir(std::env::temp_dir())
+            .current_dir(dir.path())
             .env("NATS_URL", shared_nats_url())
             .env(
                 "TICKVAULT_INGEST__SUBJECT_PREFIX",
