@@ -123,7 +123,7 @@ pub async fn run(config: &Config, args: HistoryArgs) -> Result<(), HistoryCliErr
         let mut stderr = std::io::stderr();
         let _ = writeln!(
             stderr,
-            "no {} rows for {} from {} to {}",
+            "no {} for {} from {} to {}",
             args.kind.name(),
             args.symbol.trim().to_ascii_uppercase(),
             args.tz.format(from.start),

@@ -1010,7 +1010,7 @@ async fn the_cli_reads_today_and_naive_times_in_market_time_and_says_when_nothin
     );
     let (rows, stderr) = volumes(&["--from", "2020-01-01", "--to", "2020-01-02"]);
     assert!(rows.is_empty());
-    assert!(stderr.contains("no candles rows for FPT"), "{stderr}");
+    assert!(stderr.contains("no candles for FPT from"), "{stderr}");
     let bad = tokio::task::block_in_place(|| cli(&app, &["candles", "FPT", "--from", "soon"]));
     assert!(!bad.status.success());
     let stderr = String::from_utf8_lossy(&bad.stderr);

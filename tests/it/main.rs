@@ -13,3 +13,4 @@ mod latest;
 mod lifecycle;
 mod migrations;
 mod progress;
+mod run_local;
