@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use async_nats::service::{ServiceExt as _, NATS_SERVICE_ERROR, NATS_SERVICE_ERROR_CODE};
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use futures::stream::{self, StreamExt as _, TryStreamExt as _};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -24,7 +25,6 @@ use crate::ops::health::Status;
 use crate::ops::metrics::Metrics;
 use crate::records::{format_timestamp, RecordType};
 use crate::retry::Backoff;
-use chrono::{DateTime, Utc};
 
 pub const SERVICE_NAME: &str = "tickvault-history";
 pub const QUEUE_GROUP: &str = "tickvault-history";
