@@ -6,9 +6,13 @@ mod helpers;
 
 mod bad_input;
 mod config_cli;
+mod dlq;
 mod history;
 mod ingest;
+mod latest;
 mod lifecycle;
 mod migrations;
+mod progress;
+mod run_local;
 mod secure;
 mod timescale;
