@@ -211,8 +211,12 @@ async fn connect_nats(
     config: &Config,
     metrics: Arc<Metrics>,
 ) -> Result<async_nats::Client, NatsError> {
+    // Each subscription buffers up to this many messages: a core-mode
+    // type's queue capacity, and always a whole JetStream pull.
+    let subscription_capacity = config.ingest.queue_capacity.max(config.ingest.fetch_batch);
     crate::nats::connect(&config.nats, |options| {
         options
+            .subscription_capacity(subscription_capacity)
             .retry_on_initial_connect()
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(5))
