@@ -3,8 +3,9 @@
 //! `<stream>_DLQ` stream keeps them, and the publish is confirmed before the
 //! original message is acknowledged.
 //!
-//! A publish that cannot succeed must not hold its message forever: a
-//! dead-letter stream deleted at runtime is created again, a dead letter
+//! A publish that cannot succeed must not hold its message forever: each
+//! waits at most 2 s, a dead-letter stream deleted at runtime is created
+//! again, a dead letter
 //! larger than the server's max payload is truncated (and says so in the
 //! `Tickvault-Truncated` header), and what still fails is reported to the
 //! delivery lifecycle, which retries the message a bounded number of times.
@@ -12,8 +13,8 @@
 //! not store its dead letters twice.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::{jetstream, HeaderMap};
 use bytes::Bytes;
 
@@ -32,6 +33,8 @@ pub const TRUNCATED_HEADER: &str = "Tickvault-Truncated";
 const MESSAGE_ID_HEADER: &str = "Nats-Msg-Id";
 /// The longest `Tickvault-Reject-Detail`, in characters.
 const MAX_DETAIL_CHARS: usize = 512;
+/// How long one dead letter's publish may wait for the stream's answer.
+const PUBLISH_BOUND: Duration = Duration::from_secs(2);
 
 /// Which stage rejected the input: part of a dead letter's identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,8 +65,6 @@ pub struct DeadLetters {
 /// Why one dead letter was not stored.
 struct Failed {
     index: usize,
-    /// No stream holds the dead-letter subject (it was deleted).
-    stream_missing: bool,
     error: String,
 }
 
@@ -101,21 +102,15 @@ impl DeadLetters {
             .map(|(n, r)| letter(delivery, origin, n, r, max_payload))
             .collect();
         let mut failed = self.publish(&subject, &letters, 0..letters.len()).await;
-        if let Some(js) = &self.jetstream {
-            if failed.iter().any(|f| f.stream_missing) {
-                // Deleted at runtime: create the stream again, once, and retry.
-                match source::ensure_streams(js, &self.config).await {
-                    Ok(()) => tracing::warn!(
-                        stream = %format!("{}_DLQ", self.config.stream),
-                        "the dead-letter stream was missing; created it again"
-                    ),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "could not create the dead-letter stream again")
-                    }
-                }
-                let retry: Vec<usize> = failed.iter().map(|f| f.index).collect();
-                failed = self.publish(&subject, &letters, retry).await;
+        if let (Some(js), false) = (&self.jetstream, failed.is_empty()) {
+            // The dead-letter stream may have been deleted at runtime (the
+            // publish then finds no stream, or times out when something
+            // else subscribes to the subject): create it again, and retry once.
+            if let Err(e) = source::ensure_streams(js, &self.config).await {
+                tracing::warn!(error = %e, "could not make sure the dead-letter stream exists");
             }
+            let retry: Vec<usize> = failed.iter().map(|f| f.index).collect();
+            failed = self.publish(&subject, &letters, retry).await;
         }
         if let Some(first) = failed.first() {
             tracing::warn!(
@@ -138,13 +133,10 @@ impl DeadLetters {
         let publishes = which.into_iter().map(|index| {
             let (headers, payload) = letters[index].clone();
             async move {
-                self.publish_one(subject, headers, payload).await.err().map(
-                    |(stream_missing, error)| Failed {
-                        index,
-                        stream_missing,
-                        error,
-                    },
-                )
+                self.publish_one(subject, headers, payload)
+                    .await
+                    .err()
+                    .map(|error| Failed { index, error })
             }
         });
         futures::future::join_all(publishes)
@@ -159,24 +151,32 @@ impl DeadLetters {
         subject: &str,
         headers: HeaderMap,
         payload: Bytes,
-    ) -> Result<(), (bool, String)> {
-        let missing = |kind: PublishErrorKind| kind == PublishErrorKind::StreamNotFound;
+    ) -> Result<(), String> {
         match &self.jetstream {
-            Some(js) => match js
-                .publish_with_headers(subject.to_string(), headers, payload)
-                .await
-            {
-                Ok(ack) => ack
+            Some(js) => {
+                let stored = async {
+                    js.publish_with_headers(subject.to_string(), headers, payload)
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                };
+                // The source waits for this: a stream that does not answer
+                // must not hold the type's intake for long.
+                tokio::time::timeout(PUBLISH_BOUND, stored)
                     .await
-                    .map(|_| ())
-                    .map_err(|e| (missing(e.kind()), e.to_string())),
-                Err(e) => Err((missing(e.kind()), e.to_string())),
-            },
+                    .unwrap_or_else(|_| {
+                        Err(format!(
+                            "no answer from the dead-letter stream within {PUBLISH_BOUND:?}"
+                        ))
+                    })
+            }
             None => self
                 .client
                 .publish_with_headers(subject.to_string(), headers, payload)
                 .await
-                .map_err(|e| (false, e.to_string())),
+                .map_err(|e| e.to_string()),
         }
     }
 }

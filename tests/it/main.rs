@@ -6,6 +6,7 @@ mod helpers;
 
 mod bad_input;
 mod config_cli;
+mod delivery;
 mod history;
 mod ingest;
 mod lifecycle;
