@@ -189,14 +189,17 @@ impl Sink {
     /// returns each message's outcome, in order.
     pub async fn flush(&self, batch: &[Delivery], trigger: FlushTrigger) -> Vec<Outcome> {
         let started = Instant::now();
+        // Counted as sent: a key repeated within the batch is one row in
+        // the table but every message's rows were written.
+        let rows = batch.iter().map(|d| d.rows.len()).sum();
         let staged = stage(self.spec, batch);
         let data = self.encode(&staged);
-        match self.write_retrying(&data, staged.len()).await {
+        match self.write_retrying(&data, rows).await {
             Written::Done => {
                 self.metrics.flushed(
                     self.record_type(),
                     trigger,
-                    staged.len(),
+                    rows,
                     batch.len(),
                     started.elapsed(),
                 );
@@ -350,7 +353,7 @@ impl Sink {
                 .await
             {
                 Written::Done => {
-                    written += staged.len();
+                    written += delivery.rows.len();
                     Outcome::Written
                 }
                 Written::GaveUp => Outcome::Abandoned,

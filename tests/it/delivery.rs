@@ -484,3 +484,150 @@ async fn a_feed_stream_deleted_at_runtime_is_created_again() {
         .await;
     app.wait_for_rows("tick_data", 2).await;
 }
+
+#[tokio::test]
+async fn with_the_database_down_memory_is_bounded_by_the_queue_and_one_pull() {
+    // A worker process of its own (its memory is measured), with defaults,
+    // and a database that does not answer.
+    let id = crate::helpers::unique();
+    let (stream, prefix) = (format!("TV_{id}"), format!("md{id}"));
+    let _cleanup = StreamCleanup {
+        nats_url: crate::helpers::shared_nats_url(),
+        stream: stream.clone(),
+    };
+    let nowhere = format!(
+        "postgres://postgres@127.0.0.1:{}/none",
+        crate::helpers::free_port()
+    );
+    let env = crate::lifecycle::worker_env(&nowhere, &stream, &prefix, crate::helpers::free_port());
+    let worker = crate::lifecycle::Worker::spawn(&env, &[]);
+    let nats = async_nats::connect(crate::helpers::shared_nats_url())
+        .await
+        .unwrap();
+    let js = jetstream::new(nats.clone());
+    wait_for(Duration::from_secs(30), "the tick consumer", || async {
+        js.get_stream(&stream)
+            .await
+            .ok()?
+            .consumer_info("tickvault-tick")
+            .await
+            .ok()
+    })
+    .await;
+    let before_kib = worker.memory_kib("VmRSS");
+
+    // 100 messages of ~1 MB each: one tick with a large field the record rules ignore.
+    let max_payload = nats.server_info().max_payload;
+    let pad = "x".repeat(max_payload - 2_000);
+    let messages = 100;
+    for seq in 0..messages {
+        let mut record = tick("FPT", T0, seq, 10.0);
+        record["pad"] = json!(pad);
+        js.publish(format!("{prefix}.tick.FPT"), record.to_string().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    // Intake stops once the queue (10,000 places, ~1,000 per message) and
+    // one pull (two such messages) are full.
+    let received = wait_for(Duration::from_secs(30), "a full queue", || async {
+        let depth = worker
+            .metric("tickvault_queue_depth", &[("type", "tick")])
+            .await;
+        let received = worker
+            .metric("tickvault_messages_received_total", &[("type", "tick")])
+            .await;
+        (depth > 9_000.0 && received >= 10.0).then_some(received)
+    })
+    .await;
+    let peak_kib = worker.memory_kib("VmHWM");
+    let grown_mib = peak_kib.saturating_sub(before_kib) as f64 / 1024.0;
+    // The README's bound for one type with the defaults: 10 MiB of queued
+    // payloads + a 2 MiB pull, doubled for the decoder's and the client's
+    // transient copies, plus 8 MiB of slack.
+    eprintln!("memory grew by {grown_mib:.1} MiB holding {received} messages of ~1 MB");
+    assert!(
+        grown_mib < 32.0,
+        "memory grew by {grown_mib:.1} MiB holding {received} messages of ~1 MB"
+    );
+    assert!(
+        received <= 14.0,
+        "intake stopped: {received} of {messages} taken"
+    );
+    let info = js
+        .get_stream(&stream)
+        .await
+        .unwrap()
+        .consumer_info("tickvault-tick")
+        .await
+        .unwrap();
+    assert!(
+        info.num_pending >= (messages as u64 - 14),
+        "the rest waits in JetStream"
+    );
+}
+
+#[tokio::test]
+async fn a_core_mode_flood_with_the_database_down_counts_every_drop() {
+    let mut pg = crate::helpers::PgServer::start();
+    let db = TestDatabase::create_on(&pg.admin_url()).await;
+    let mut config = test_config(&db.url, &crate::helpers::shared_nats_url());
+    config.ingest.mode = tickvault::config::IngestMode::Core;
+    config.ingest.queue_capacity = 1_000;
+    config.ingest.flush_interval_ms = 100;
+    let mut app = start(config).await;
+    app.set_database(Some(db));
+    app.wait_ready().await;
+    pg.stop();
+    wait_for(
+        Duration::from_secs(30),
+        "the database seen down",
+        || async { (app.health().await["database"] == "down").then_some(()) },
+    )
+    .await;
+
+    // A flood in chunks, each taken before the next (so the client's own
+    // buffer never overflows): 3,000 valid ticks and 10 bad messages.
+    let subject = app.subject("tick", "FPT");
+    let mut published = 0;
+    for chunk in 0..30 {
+        for i in 0..100 {
+            let seq = chunk * 100 + i;
+            let payload = tick("FPT", T0, seq, 10.0).to_string();
+            app.nats
+                .publish(subject.clone(), payload.into())
+                .await
+                .unwrap();
+        }
+        if chunk % 3 == 0 {
+            app.nats
+                .publish(subject.clone(), "not json".into())
+                .await
+                .unwrap();
+            published += 1;
+        }
+        published += 100;
+        wait_for(Duration::from_secs(30), "the chunk taken", || async {
+            let received = counter(&app, "tickvault_messages_received_total", "tick").await;
+            (received == published as f64).then_some(())
+        })
+        .await;
+    }
+    let dropped = counter(&app, "tickvault_dropped_total", "tick").await;
+    assert_eq!(
+        dropped, 2_000.0,
+        "the queue holds 1,000; the rest is dropped and counted"
+    );
+
+    pg.resume();
+    app.wait_for_rows("tick_data", 1_000).await;
+    let received = counter(&app, "tickvault_messages_received_total", "tick").await;
+    let written = counter(&app, "tickvault_rows_written_total", "tick").await;
+    let rejected = app
+        .metric("tickvault_rejected_total", &[("type", "tick")])
+        .await;
+    assert_eq!((received, written, rejected), (3_010.0, 1_000.0, 10.0));
+    assert_eq!(received, written + dropped + rejected);
+    app.stop().await.unwrap();
+}
