@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sqlx::Row;
+use tickvault::records::{FieldType, RecordType};
 
 use crate::helpers::{
     metric_value, spawn_app, start, test_config, wait_for, PgServer, TestDatabase,
@@ -21,7 +22,7 @@ pub fn candle(symbol: &str, ts_ms: i64, close: f64) -> Value {
            "low": close, "close": close, "volume": 1000, "value": 1.5e7})
 }
 
-/// 2026-11-26 09:15 +07:00
+/// 2025-11-26 09:15 +07:00
 const T0: i64 = 1_764_123_300_000;
 
 #[tokio::test]
@@ -736,5 +737,185 @@ async fn replicas_share_the_durable_consumers() {
         a + b,
         messages as f64,
         "each row written by one replica, once"
+    );
+}
+
+/// A random finite double, any exponent, from random bits.
+fn random_double(rng: &mut impl rand::Rng) -> f64 {
+    loop {
+        let v = f64::from_bits(rng.random::<u64>());
+        if v.is_finite() {
+            return v;
+        }
+    }
+}
+
+/// `v` made acceptable for a float field's rule, keeping its digits.
+fn allowed(v: f64, ty: FieldType) -> f64 {
+    match ty {
+        FieldType::Positive if v.abs() == 0.0 => 5e-324,
+        FieldType::Positive => v.abs(),
+        // -0.0 passes `>= 0`: it must come back as -0.0.
+        FieldType::NonNegative if v == 0.0 => v,
+        FieldType::NonNegative => v.abs(),
+        _ => v,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_float_column_round_trips_bit_for_bit_through_the_table_and_history() {
+    let app = spawn_app(|c| c.ingest.flush_interval_ms = 100).await;
+    let specials = [
+        13.841000000000001,
+        0.1 + 0.2,
+        1312.2930000000001,
+        5e-324,
+        2.2250738585072014e-308,
+        1.7976931348623157e308,
+        -0.0,
+        -1.5e-7,
+        123456789012345680.0,
+    ];
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0x7ec5_f10a7);
+    let rows = specials.len() + 10_000;
+    let mut expected = Vec::new();
+    for record_type in RecordType::ALL {
+        let spec = record_type.spec();
+        let floats: Vec<(usize, FieldType)> = spec
+            .fields
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| {
+                matches!(
+                    f.ty,
+                    FieldType::Positive | FieldType::NonNegative | FieldType::Finite
+                )
+            })
+            .map(|(i, f)| (i, f.ty))
+            .collect();
+        let id = match record_type {
+            RecordType::Index => "VNINDEX",
+            RecordType::Deriv => "VN30F2412",
+            _ => "FPT",
+        };
+        let mut values_of_type = Vec::with_capacity(rows);
+        let mut records = Vec::with_capacity(rows);
+        for i in 0..rows {
+            let mut values: Vec<f64> = floats
+                .iter()
+                .map(|(_, ty)| {
+                    let v = specials
+                        .get(i)
+                        .copied()
+                        .unwrap_or_else(|| random_double(&mut rng));
+                    allowed(v, *ty)
+                })
+                .collect();
+            if record_type == RecordType::Candle {
+                // open, high, low, close: low the least, high the most.
+                let mut ohlc = values[..4].to_vec();
+                ohlc.sort_by(|a, b| a.total_cmp(b));
+                values[..4].copy_from_slice(&[ohlc[1], ohlc[3], ohlc[0], ohlc[2]]);
+            }
+            let mut record = serde_json::Map::new();
+            for (f, field) in spec.fields.iter().enumerate() {
+                let value = match field.ty {
+                    FieldType::Symbol => json!(id),
+                    FieldType::Timestamp => json!(T0 + i as i64),
+                    FieldType::Side => json!("buy"),
+                    FieldType::PositiveInt | FieldType::NonNegativeInt => json!(i as i64 + 1),
+                    _ => {
+                        let k = floats.iter().position(|(p, _)| *p == f).unwrap();
+                        json!(values[k])
+                    }
+                };
+                record.insert(field.name.to_string(), value);
+            }
+            records.push(Value::Object(record));
+            values_of_type.push(values);
+        }
+        for chunk in records.chunks(1000) {
+            // serde_json prints each double in its shortest round-trip form.
+            app.publish_json(record_type.name(), id, &Value::Array(chunk.to_vec()))
+                .await;
+        }
+        expected.push((record_type, id, floats, values_of_type));
+    }
+
+    for (record_type, id, floats, values) in &expected {
+        let spec = record_type.spec();
+        app.wait_for_rows(spec.table, rows as i64).await;
+        let columns: Vec<String> = floats
+            .iter()
+            .map(|(i, _)| format!("\"{}\"", spec.fields[*i].name))
+            .collect();
+        let stored = sqlx::query(&format!(
+            "SELECT {} FROM {} ORDER BY \"timestamp\"",
+            columns.join(", "),
+            spec.table
+        ))
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+        let from_table: Vec<Vec<f64>> = stored
+            .iter()
+            .map(|row| (0..floats.len()).map(|k| row.get::<f64, _>(k)).collect())
+            .collect();
+        assert_bits_equal(&from_table, values, &format!("{} table", spec.table));
+
+        // The history reply, page by page.
+        let subject = format!(
+            "{}.{}",
+            app.config.history.subject_prefix, spec.history_kind
+        );
+        let mut body =
+            json!({"symbol": id, "from": "2025-11-26", "to": "2025-11-26", "limit": 50_000});
+        let mut from_history = Vec::new();
+        loop {
+            let reply = app
+                .nats
+                .request(subject.clone(), body.to_string().into())
+                .await
+                .expect("history answers");
+            let reply: Value = serde_json::from_slice(&reply.payload).expect("JSON reply");
+            for row in reply["rows"].as_array().expect("rows") {
+                from_history.push(
+                    floats
+                        .iter()
+                        .map(|(i, _)| row[spec.fields[*i].name].as_f64().expect("a number"))
+                        .collect::<Vec<f64>>(),
+                );
+            }
+            match reply["next_cursor"].as_str() {
+                Some(cursor) => body["cursor"] = json!(cursor),
+                None => break,
+            }
+        }
+        assert_bits_equal(
+            &from_history,
+            values,
+            &format!("history.{}", spec.history_kind),
+        );
+    }
+}
+
+fn assert_bits_equal(got: &[Vec<f64>], want: &[Vec<f64>], place: &str) {
+    assert_eq!(got.len(), want.len(), "{place}: rows");
+    let differing: Vec<(usize, f64, f64)> = got
+        .iter()
+        .zip(want)
+        .enumerate()
+        .flat_map(|(i, (g, w))| {
+            g.iter()
+                .zip(w)
+                .filter(|(g, w)| g.to_bits() != w.to_bits())
+                .map(move |(g, w)| (i, *g, *w))
+        })
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "{place}: {} values differ, first (row, got, sent): {:?}",
+        differing.len(),
+        &differing[..differing.len().min(5)]
     );
 }
