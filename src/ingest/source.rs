@@ -39,6 +39,8 @@ pub const CORE_QUEUE_GROUP: &str = "tickvault";
 const PULL_EXPIRES: Duration = Duration::from_secs(2);
 /// Room for a delivered message's subject and headers beyond its payload.
 const PULL_OVERHEAD_BYTES: usize = 64 * 1024;
+/// How long a lost consumer waits before it is re-created.
+const LOST_CONSUMER_PAUSE: Duration = Duration::from_secs(1);
 /// How long shutdown reads a core subscription's buffered messages.
 const CORE_DRAIN_BOUND: Duration = Duration::from_secs(5);
 
@@ -386,6 +388,14 @@ impl Source {
                     backoff.reset();
                     self.consume(consumer, &shutdown).await;
                     self.status.set_intake_ready(self.record_type, false);
+                    // Lost (or shutting down): pause before re-creating it. A
+                    // stream deleted at runtime is removed from disk after the
+                    // server answers, and nats-server 2.9 can remove the files
+                    // of a stream created again too soon under the same name.
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(LOST_CONSUMER_PAUSE) => {}
+                    }
                 }
                 Err(e) if e.is_fatal() => return Err(e),
                 Err(e) => {
