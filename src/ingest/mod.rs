@@ -143,7 +143,7 @@ impl Ingest {
             };
             match &js {
                 Some(js) => sources.spawn(source.run_jetstream(js.clone(), stop.clone())),
-                None => sources.spawn(source.run_core(self.client.clone(), stop.clone())),
+                None => sources.spawn(source.run_core(stop.clone())),
             };
         }
         // Sources end on shutdown and drop their queue senders; each batcher

@@ -39,6 +39,8 @@ pub const CORE_QUEUE_GROUP: &str = "tickvault";
 const PULL_EXPIRES: Duration = Duration::from_secs(2);
 /// Room for a delivered message's subject and headers beyond its payload.
 const PULL_OVERHEAD_BYTES: usize = 64 * 1024;
+/// How long to wait after a pull that was refused without a message.
+const REFUSED_PULL_PAUSE: Duration = Duration::from_millis(250);
 /// How long a lost consumer waits before it is re-created.
 const LOST_CONSUMER_PAUSE: Duration = Duration::from_secs(1);
 /// How long shutdown reads a core subscription's buffered messages.
@@ -304,15 +306,12 @@ impl Source {
     /// finds the queue full is dropped and counted; at shutdown the
     /// subscription is drained, so what the client already buffered is
     /// taken rather than thrown away.
-    pub async fn run_core(
-        self,
-        client: async_nats::Client,
-        shutdown: CancellationToken,
-    ) -> Result<(), IngestError> {
+    pub async fn run_core(self, shutdown: CancellationToken) -> Result<(), IngestError> {
         let subject = type_subject(&self.config.subject_prefix, self.record_type);
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         let mut subscription = loop {
-            match client
+            match self
+                .client
                 .queue_subscribe(subject.clone(), CORE_QUEUE_GROUP.to_string())
                 .await
             {
@@ -545,20 +544,29 @@ impl Source {
                     },
                 }
             }
-            if received == 0 || interrupted.is_some() {
-                // An idle or interrupted pull: make sure the consumer is still
+            if let Some(e) = &interrupted {
+                // Normal when a pull reaches its byte bound; anything else
+                // shows in the consumer check below when nothing came.
+                tracing::debug!(r#type = name, error = %e, "pull ended early");
+            }
+            if received == 0 {
+                // An idle or failed pull: make sure the consumer is still
                 // there, and keep the pending gauge current meanwhile.
                 match consumer.info().await {
                     Ok(info) => {
                         self.intake.consumer_pending(info.num_pending);
                         self.lifecycle.set_ack_wait(info.config.ack_wait);
-                        if let Some(e) = interrupted {
-                            tracing::debug!(r#type = name, error = %e, "pull ended early; pulling again");
-                        }
                     }
                     Err(e) => {
                         tracing::warn!(r#type = name, error = %e, "consumer lost; re-creating it");
                         return;
+                    }
+                }
+                if interrupted.is_some() {
+                    // A pull refused at once: do not ask again in a tight loop.
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(REFUSED_PULL_PAUSE) => {}
                     }
                 }
             }
