@@ -211,9 +211,15 @@ impl Drop for Delivery {
     }
 }
 
-/// The outcome that is acted on, given the one reported and whether some of
-/// the message's dead letters are still unpublished.
+/// The outcome that is acted on, given the one reported and how many of the
+/// message's dead letters from decoding (`unstored`) or from the reported
+/// outcome are still unpublished.
 fn resolve(reported: Outcome, unstored: usize, may_redeliver: bool) -> Outcome {
+    let unstored = unstored
+        + match &reported {
+            Outcome::DeadLettered { unstored, .. } => *unstored,
+            _ => 0,
+        };
     match reported {
         Outcome::Written | Outcome::DeadLettered { .. } if unstored > 0 => {
             if may_redeliver {
@@ -434,6 +440,12 @@ mod tests {
         // A dead letter is missing: redeliver while attempts remain, then terminate.
         assert_eq!(resolve(Outcome::Written, 1, true), retry);
         assert_eq!(resolve(refused(2, 1), 1, true), retry);
+        assert_eq!(
+            resolve(refused(2, 1), 0, true),
+            retry,
+            "a refused row's dead letter missing"
+        );
+        assert_eq!(resolve(refused(2, 1), 0, false), Outcome::Terminated);
         assert_eq!(resolve(Outcome::Written, 1, false), Outcome::Terminated);
         // Shutdown and explicit retries are never turned into an ack.
         assert_eq!(resolve(Outcome::Abandoned, 1, true), Outcome::Abandoned);
