@@ -218,9 +218,13 @@ async fn connect_nats(
     config: &Config,
     metrics: Arc<Metrics>,
 ) -> Result<async_nats::Client, NatsError> {
+    // Each subscription buffers up to this many messages: a core-mode
+    // type's queue capacity, and always a whole JetStream pull.
+    let subscription_capacity = config.ingest.queue_capacity.max(config.ingest.fetch_batch);
     crate::nats::connect_in_background(&config.nats, |options| {
         let metrics = metrics.clone();
         options
+            .subscription_capacity(subscription_capacity)
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(5))
             .event_callback(move |event| {

@@ -1,36 +1,29 @@
-//! The per-type queue and batcher: rows wait here until `batch_size` rows
-//! or `flush_interval` after the first of them, then go to the sink as one
-//! batch of whole messages. While a flush is in flight new rows keep
+//! The per-type queue and batcher: deliveries wait here until `batch_size`
+//! rows or `flush_interval` after the first of them, then go to the sink as
+//! one batch of whole messages. While a flush is in flight new rows keep
 //! arriving and form the next batch (group commit, up to `max_batch_rows`).
+//! Every waiting or in-flight delivery is kept alive, and settled with the
+//! outcome the sink reports.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::message::Acker;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::ingest::sink::{self, Sink};
+use crate::ingest::delivery::{Delivery, Lifecycle};
+use crate::ingest::sink::Sink;
 use crate::ops::health::Status;
 use crate::ops::metrics::{FlushTrigger, IntakeMetrics, Metrics};
-use crate::records::{RecordType, Value};
+use crate::records::RecordType;
 
-/// The rows of one NATS message, waiting to be written.
-pub struct Delivery {
-    /// The message's subject, named in dead letters.
-    pub subject: String,
-    pub rows: Vec<Vec<Value>>,
-    /// JetStream stream sequence: orders versions for newest-wins tables.
-    pub stream_seq: Option<u64>,
-    /// Acknowledges the message once its rows are committed (JetStream only).
-    pub ack: Option<Acker>,
-    /// This delivery's room in the queue, given back when it is dropped.
-    _room: OwnedSemaphorePermit,
-    arrived: Instant,
-}
+/// Payload bytes one place of the queue stands for: a message takes one
+/// place per row, or one per KiB of payload when that is more, so the
+/// payloads a full queue holds stay within `queue_capacity` KiB.
+pub const BYTES_PER_PLACE: usize = 1024;
 
-/// A type's queue room (bounded in rows, not messages) and its reporting.
+/// A type's queue room (bounded in places, not messages) and its reporting.
 #[derive(Clone)]
 struct QueueRoom {
     record_type: RecordType,
@@ -47,6 +40,9 @@ impl QueueRoom {
         self.status.set_queue_rows(self.record_type, depth);
     }
 }
+
+/// Room reserved in a queue for one delivery.
+pub struct Room(OwnedSemaphorePermit);
 
 /// The sending side of a type's bounded queue.
 #[derive(Clone)]
@@ -88,33 +84,49 @@ pub fn queue(
     (QueueSender { tx, room }, receiver)
 }
 
+/// The places a delivery of `rows` rows and `payload_bytes` bytes takes in a
+/// queue of `capacity` (a message always fits an empty queue).
+fn places(rows: usize, payload_bytes: usize, capacity: usize) -> u32 {
+    rows.max(payload_bytes.div_ceil(BYTES_PER_PLACE))
+        .clamp(1, capacity) as u32
+}
+
 impl QueueSender {
-    /// Waits for room for the rows (backpressure), then queues them.
-    pub async fn push(
-        &self,
-        subject: String,
-        rows: Vec<Vec<Value>>,
-        stream_seq: Option<u64>,
-        ack: Option<Acker>,
-    ) -> Result<(), QueueClosed> {
-        let closed = || QueueClosed(self.room.record_type.name());
-        let needed = rows.len().clamp(1, self.room.capacity) as u32;
-        let room = self
-            .room
+    fn places(&self, delivery: &Delivery) -> u32 {
+        places(
+            delivery.rows.len(),
+            delivery.payload.len(),
+            self.room.capacity,
+        )
+    }
+
+    /// Waits for room for the delivery (backpressure).
+    pub async fn reserve(&self, delivery: &Delivery) -> Result<Room, QueueClosed> {
+        self.room
             .room
             .clone()
-            .acquire_many_owned(needed)
+            .acquire_many_owned(self.places(delivery))
             .await
-            .map_err(|_| closed())?;
-        let delivery = Delivery {
-            subject,
-            rows,
-            stream_seq,
-            ack,
-            _room: room,
-            arrived: Instant::now(),
-        };
-        self.tx.send(delivery).map_err(|_| closed())?;
+            .map(Room)
+            .map_err(|_| QueueClosed(self.room.record_type.name()))
+    }
+
+    /// Room for the delivery if there is some now.
+    pub fn try_reserve(&self, delivery: &Delivery) -> Option<Room> {
+        self.room
+            .room
+            .clone()
+            .try_acquire_many_owned(self.places(delivery))
+            .ok()
+            .map(Room)
+    }
+
+    /// Queues the delivery in the room reserved for it.
+    pub fn push(&self, mut delivery: Delivery, room: Room) -> Result<(), QueueClosed> {
+        delivery.hold_room(room.0);
+        self.tx
+            .send(delivery)
+            .map_err(|_| QueueClosed(self.room.record_type.name()))?;
         self.room.report_depth();
         Ok(())
     }
@@ -126,26 +138,27 @@ pub struct BatchLimits {
     pub batch_size: usize,
     pub max_batch_rows: usize,
     pub flush_interval: Duration,
-    /// JetStream's ack wait: rows waiting longer than a third of it get a
-    /// progress ack so they are not redelivered while still held.
-    pub ack_wait: Duration,
 }
 
-/// Runs until every sender is gone and every row is flushed.
-pub async fn run(mut queue: QueueReceiver, sink: Arc<Sink>, limits: BatchLimits) {
+/// Runs until every sender is gone and every delivery is settled.
+pub async fn run(
+    mut queue: QueueReceiver,
+    sink: Arc<Sink>,
+    lifecycle: Lifecycle,
+    limits: BatchLimits,
+) {
     let mut pending: VecDeque<Delivery> = VecDeque::new();
     let mut pending_rows = 0usize;
     let mut in_flight: Option<tokio::task::JoinHandle<()>> = None;
     let mut open = true;
-    let mut keep_alive = tokio::time::interval(limits.ack_wait / 3);
-    keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_keep_alive = Instant::now() + lifecycle.keep_alive_every();
     loop {
         let deadline = pending.front().map(|d| d.arrived + limits.flush_interval);
         tokio::select! {
             finished = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
                 in_flight = None;
                 if let Err(e) = finished {
-                    tracing::error!(r#type = sink.record_type().name(), error = %e, "flush task failed");
+                    tracing::error!(r#type = lifecycle.record_type().name(), error = %e, "flush task failed");
                 }
                 queue.room.report_depth();
             }
@@ -158,35 +171,47 @@ pub async fn run(mut queue: QueueReceiver, sink: Arc<Sink>, limits: BatchLimits)
             },
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)),
                 if deadline.is_some() && in_flight.is_none() => {}
-            _ = keep_alive.tick() => {
-                let waiting = pending
-                    .iter()
-                    .take_while(|d| d.arrived.elapsed() >= limits.ack_wait / 3)
-                    .count();
-                sink::progress(pending.range(..waiting)).await;
+            _ = tokio::time::sleep_until(next_keep_alive) => {
+                lifecycle.keep_alive(&pending).await;
+                next_keep_alive = Instant::now() + lifecycle.keep_alive_every();
             }
         }
         if in_flight.is_none() && !pending.is_empty() {
-            let trigger = if pending_rows >= limits.batch_size {
-                Some(FlushTrigger::Size)
-            } else if !open {
-                Some(FlushTrigger::Shutdown)
-            } else if deadline.is_some_and(|d| d <= Instant::now()) {
-                Some(FlushTrigger::Interval)
-            } else {
-                None
-            };
-            if let Some(trigger) = trigger {
+            let now = Instant::now();
+            if let Some(trigger) = trigger(pending_rows, limits.batch_size, open, deadline, now) {
                 let batch = take_batch(&mut pending, &mut pending_rows, limits.max_batch_rows);
                 let sink = sink.clone();
-                in_flight = Some(tokio::spawn(
-                    async move { sink.flush(batch, trigger).await },
-                ));
+                let lifecycle = lifecycle.clone();
+                in_flight = Some(tokio::spawn(async move {
+                    let outcomes = lifecycle
+                        .keep_alive_while(&batch, sink.flush(&batch, trigger))
+                        .await;
+                    lifecycle.settle_all(batch, outcomes).await;
+                }));
             }
         }
         if !open && pending.is_empty() && in_flight.is_none() {
             return;
         }
+    }
+}
+
+/// Why the waiting rows should be flushed now, if they should.
+fn trigger(
+    pending_rows: usize,
+    batch_size: usize,
+    open: bool,
+    deadline: Option<Instant>,
+    now: Instant,
+) -> Option<FlushTrigger> {
+    if pending_rows >= batch_size {
+        Some(FlushTrigger::Size)
+    } else if !open {
+        Some(FlushTrigger::Shutdown)
+    } else if deadline.is_some_and(|d| d <= now) {
+        Some(FlushTrigger::Interval)
+    } else {
+        None
     }
 }
 
@@ -207,4 +232,92 @@ fn take_batch(
     }
     *pending_rows -= rows;
     batch
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::Value;
+
+    fn delivery(rows: usize) -> Delivery {
+        Delivery::for_test(vec![vec![Value::Int(1)]; rows], None)
+    }
+
+    #[test]
+    fn a_flush_is_triggered_by_size_then_shutdown_then_the_interval() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(1);
+        assert_eq!(
+            trigger(500, 500, true, Some(later), now),
+            Some(FlushTrigger::Size)
+        );
+        assert_eq!(
+            trigger(600, 500, false, Some(later), now),
+            Some(FlushTrigger::Size)
+        );
+        assert_eq!(
+            trigger(1, 500, false, Some(later), now),
+            Some(FlushTrigger::Shutdown)
+        );
+        assert_eq!(
+            trigger(1, 500, true, Some(now), now),
+            Some(FlushTrigger::Interval)
+        );
+        assert_eq!(trigger(1, 500, true, Some(later), now), None);
+        assert_eq!(trigger(499, 500, true, None, now), None);
+    }
+
+    #[test]
+    fn a_batch_takes_whole_deliveries_up_to_the_row_limit() {
+        let mut pending: VecDeque<Delivery> = [3, 4, 2, 10].map(delivery).into_iter().collect();
+        let mut rows = 19;
+        let batch = take_batch(&mut pending, &mut rows, 9);
+        assert_eq!(
+            batch.iter().map(|d| d.rows.len()).collect::<Vec<_>>(),
+            [3, 4, 2]
+        );
+        assert_eq!((rows, pending.len()), (10, 1));
+        // A delivery larger than the limit still goes, alone.
+        let batch = take_batch(&mut pending, &mut rows, 9);
+        assert_eq!(batch.len(), 1);
+        assert_eq!((rows, pending.len()), (0, 0));
+        assert!(take_batch(&mut pending, &mut rows, 9).is_empty());
+    }
+
+    #[test]
+    fn a_message_takes_a_place_per_row_or_per_kib_of_payload() {
+        assert_eq!(places(10, 300, 10_000), 10);
+        assert_eq!(places(1, 1_000_000, 10_000), 977);
+        assert_eq!(places(0, 0, 10_000), 1);
+        assert_eq!(
+            places(1, 100 << 20, 10_000),
+            10_000,
+            "always fits an empty queue"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_queue_is_bounded_in_places_and_frees_room_when_a_delivery_goes() {
+        let (sender, mut receiver) = queue(
+            RecordType::Tick,
+            5,
+            Arc::new(Metrics::new()),
+            Arc::new(Status::new()),
+        );
+        let three = delivery(3);
+        let room = sender.try_reserve(&three).expect("room for 3 of 5");
+        sender.push(three, room).unwrap();
+        assert!(
+            sender.try_reserve(&delivery(3)).is_none(),
+            "full: 3 + 3 > 5"
+        );
+        let two = delivery(2);
+        let room = sender.try_reserve(&two).expect("room for 2 more");
+        sender.push(two, room).unwrap();
+        drop(receiver.rx.recv().await.unwrap());
+        assert!(
+            sender.try_reserve(&delivery(3)).is_some(),
+            "room given back"
+        );
+    }
 }

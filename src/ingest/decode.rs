@@ -122,18 +122,40 @@ fn decode_array(spec: &RecordSpec, payload: &Bytes, limits: Limits) -> Decoded {
         rejected: Vec::new(),
     };
     for raw in records {
-        let parsed = serde_json::from_str::<Json>(raw.get())
-            .map_err(|e| Reject::new(RejectReason::InvalidJson, e.to_string()))
-            .and_then(|record| spec.parse_record(&record));
-        match parsed {
+        match parse_raw(spec, raw) {
             Ok(row) => decoded.rows.push(row),
             Err(reject) => decoded.rejected.push(Rejected {
                 reject,
-                payload: Bytes::copy_from_slice(raw.get().as_bytes()),
+                payload: payload.slice_ref(raw.get().as_bytes()),
             }),
         }
     }
     decoded
+}
+
+fn parse_raw(spec: &RecordSpec, raw: &RawValue) -> Result<Vec<Value>, Reject> {
+    serde_json::from_str::<Json>(raw.get())
+        .map_err(|e| Reject::new(RejectReason::InvalidJson, e.to_string()))
+        .and_then(|record| spec.parse_record(&record))
+}
+
+/// The original JSON text of each record [`decode`] turned into a row, in
+/// row order: what a row PostgreSQL refuses is dead-lettered as. (Decoding
+/// is a pure function of the payload, so the rows line up.)
+pub fn record_texts(spec: &RecordSpec, payload: &Bytes) -> Vec<Bytes> {
+    let is_array = payload
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'[');
+    if !is_array {
+        return vec![payload.clone()];
+    }
+    let records: Vec<&RawValue> = serde_json::from_slice(payload).unwrap_or_default();
+    records
+        .into_iter()
+        .filter(|raw| parse_raw(spec, raw).is_ok())
+        .map(|raw| payload.slice_ref(raw.get().as_bytes()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -175,6 +197,27 @@ mod tests {
         assert_eq!(
             dead["side"], "hold",
             "the dead letter is the rejected record alone"
+        );
+    }
+
+    #[test]
+    fn record_texts_line_up_with_the_rows() {
+        let bad = TICK.replace("\"buy\"", "\"hold\"");
+        let second = TICK.replace("\"seq\":1", "\"seq\":2");
+        let payload = Bytes::from(format!("[ {TICK}, {bad},\n{second} ]"));
+        let decoded = decode(RecordType::Tick.spec(), &payload, LIMITS);
+        let texts = record_texts(RecordType::Tick.spec(), &payload);
+        assert_eq!(decoded.rows.len(), texts.len());
+        assert_eq!(texts[0], TICK.as_bytes());
+        assert_eq!(
+            texts[1],
+            second.as_bytes(),
+            "the rejected record is skipped"
+        );
+        let object = Bytes::from(format!(" {TICK}\n"));
+        assert_eq!(
+            record_texts(RecordType::Tick.spec(), &object),
+            vec![object.clone()]
         );
     }
 

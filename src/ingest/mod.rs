@@ -1,13 +1,18 @@
 //! The ingest path, one pipeline per record type:
 //!
 //! ```text
-//! NATS ──source──▶ decode ──▶ queue (bounded, rows) ──batcher──▶ sink (COPY) ──▶ PostgreSQL
-//!                    └──▶ dead letters (<prefix>.dlq.<type>)        └──▶ ack after commit
+//! NATS ──source──▶ decode ──▶ queue (bounded) ──batcher──▶ sink (COPY) ──▶ PostgreSQL
+//!                    └──▶ dead letters (<prefix>.dlq.<type>)
 //! ```
+//!
+//! A message's life — held, kept alive, then acknowledged, nak'ed or
+//! terminated — belongs to [`delivery`]: the stages report an outcome, and
+//! only that module answers JetStream.
 
 pub mod batcher;
 pub mod dead_letter;
 pub mod decode;
+pub mod delivery;
 pub mod sink;
 pub mod source;
 
@@ -27,6 +32,7 @@ use crate::retry::Backoff;
 
 use batcher::BatchLimits;
 use dead_letter::DeadLetters;
+use delivery::Lifecycle;
 use sink::Sink;
 use source::Source;
 
@@ -48,6 +54,24 @@ pub enum IngestError {
     },
     #[error("JetStream consumer {consumer}: {message}")]
     Consumer { consumer: String, message: String },
+    #[error("JetStream refused to update consumer {consumer} to the configuration ({changes}): {message}; set those keys back, or delete the consumer so tickvault creates it anew (it then starts from the first message kept in the stream)")]
+    ConsumerRefused {
+        consumer: String,
+        changes: String,
+        message: String,
+    },
+}
+
+impl IngestError {
+    /// An error only an operator can fix: retrying cannot help.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            IngestError::StreamMismatch { .. }
+                | IngestError::StreamRefused { .. }
+                | IngestError::ConsumerRefused { .. }
+        )
+    }
 }
 
 /// What the ingest pipelines need from the application.
@@ -60,9 +84,10 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    /// Runs every type's pipeline until `shutdown`, then drains: sources stop,
-    /// batchers flush what they hold. `give_up` ends waiting for an unavailable
-    /// database (JetStream then redelivers what was not acknowledged).
+    /// Runs every type's pipeline until `shutdown`, then drains: sources stop
+    /// and hand back what they will not queue, batchers flush what they
+    /// hold. `give_up` ends waiting for an unavailable database: what is left
+    /// is handed back to JetStream for another worker.
     pub async fn run(
         self,
         shutdown: CancellationToken,
@@ -78,21 +103,19 @@ impl Ingest {
             }
             IngestMode::Core => None,
         };
-        let dead_letters = DeadLetters::new(
-            self.client.clone(),
-            js.clone(),
-            &self.config.subject_prefix,
-            self.metrics.clone(),
-        );
+        let dead_letters = DeadLetters::new(self.client.clone(), js.clone(), self.config.clone());
         let limits = BatchLimits {
             batch_size: self.config.batch_size,
             max_batch_rows: self.config.max_batch_rows,
             flush_interval: self.config.flush_interval(),
-            ack_wait: self.config.ack_wait(),
         };
+        // Stops every source, at shutdown or when one of them cannot go on.
+        let stop = shutdown.child_token();
         let mut sources = JoinSet::new();
         let mut batchers = JoinSet::new();
         for record_type in RecordType::ALL {
+            let lifecycle =
+                Lifecycle::new(record_type, self.metrics.clone(), self.config.ack_wait());
             let (queue, receiver) = batcher::queue(
                 record_type,
                 self.config.queue_capacity,
@@ -104,29 +127,41 @@ impl Ingest {
                 self.db.clone(),
                 self.metrics.clone(),
                 dead_letters.clone(),
-                self.config.ack_wait(),
+                lifecycle.clone(),
                 give_up.clone(),
             ));
-            batchers.spawn(batcher::run(receiver, sink, limits));
+            batchers.spawn(batcher::run(receiver, sink, lifecycle.clone(), limits));
             let source = Source {
                 record_type,
                 config: self.config.clone(),
+                client: self.client.clone(),
                 queue,
                 dead_letters: dead_letters.clone(),
+                lifecycle,
                 intake: self.metrics.intake(record_type),
                 status: self.status.clone(),
             };
             match &js {
-                Some(js) => sources.spawn(source.run_jetstream(js.clone(), shutdown.clone())),
-                None => sources.spawn(source.run_core(self.client.clone(), shutdown.clone())),
+                Some(js) => sources.spawn(source.run_jetstream(js.clone(), stop.clone())),
+                None => sources.spawn(source.run_core(stop.clone())),
             };
         }
         // Sources end on shutdown and drop their queue senders; each batcher
         // then flushes what it holds and ends.
-        sources.join_all().await;
+        let mut failure = None;
+        while let Some(ended) = sources.join_next().await {
+            match ended {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    stop.cancel();
+                    failure.get_or_insert(e);
+                }
+                Err(e) => tracing::error!(error = %e, "an ingest source failed"),
+            }
+        }
         batchers.join_all().await;
         tracing::info!("ingest drained");
-        Ok(())
+        failure.map_or(Ok(()), Err)
     }
 
     /// Ok(false) when shutdown came first.
@@ -139,9 +174,7 @@ impl Ingest {
         loop {
             match source::ensure_streams(js, &self.config).await {
                 Ok(()) => return Ok(true),
-                Err(
-                    e @ (IngestError::StreamMismatch { .. } | IngestError::StreamRefused { .. }),
-                ) => return Err(e),
+                Err(e) if e.is_fatal() => return Err(e),
                 Err(e) => {
                     tracing::warn!(error = %e, "JetStream not available yet; retrying");
                     tokio::select! {

@@ -1,36 +1,45 @@
-//! The COPY sink: writes one batch of one type in one transaction, then
-//! acknowledges its messages.
+//! The COPY sink: writes one batch of one type in one transaction and
+//! reports each message's [`Outcome`]; the delivery lifecycle turns those
+//! into acknowledgements.
 //!
 //! The common case — no stored row has any of the batch's keys — is a direct
 //! `COPY` into the table. When that hits a unique violation (a redelivery, a
 //! replica, a re-published candle), the same rows go through a temporary
 //! staging table and `INSERT ... ON CONFLICT` with the type's conflict rule.
 //! Duplicate keys within the batch are resolved in memory first.
+//!
+//! Failures follow [`db::failure`](crate::db::failure): an unavailable
+//! database is retried with backoff, credentials or schema problems at the
+//! slowest pace (an operator must act), and refused data goes to bad-row
+//! isolation, where a row refused alone is dead-lettered. Each write is
+//! bounded on both sides by the lifecycle's write timeout.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::AckKind;
-use sqlx::{Acquire, PgConnection};
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, PgConnection, Postgres};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{failure, Database, Failure};
-use crate::ingest::batcher::Delivery;
-use crate::ingest::dead_letter::DeadLetters;
-use crate::ingest::decode::Rejected;
+use crate::ingest::dead_letter::{DeadLetters, Origin};
+use crate::ingest::decode::{record_texts, Rejected};
+use crate::ingest::delivery::{Delivery, Lifecycle, Outcome};
 use crate::ops::metrics::{FlushTrigger, Metrics};
 use crate::records::{
     write_copy_row, Conflict, RecordSpec, RecordType, Reject, RejectReason, Value,
 };
 use crate::retry::Backoff;
 
-/// One row ready for COPY, with the sequence that orders its versions.
+/// One row ready for COPY: its values, the sequence that orders its
+/// versions, and its position among its message's rows.
 struct StagedRow<'a> {
     values: &'a [Value],
     stream_seq: Option<u64>,
+    index: usize,
 }
 
 /// SQL built once per type from its spec.
@@ -90,12 +99,11 @@ impl Statements {
 }
 
 /// How writing some rows ended, after every retry.
-enum WriteOutcome {
-    Written,
+enum Written {
+    Done,
     /// PostgreSQL refused the data itself: retrying the same rows cannot help.
-    Refused,
-    /// Shutdown's grace period ended first: nothing is acknowledged, so
-    /// JetStream delivers the messages again later.
+    Refused(sqlx::Error),
+    /// Shutdown's grace period ended first: the messages are handed back.
     GaveUp,
 }
 
@@ -108,13 +116,31 @@ enum WriteError {
     TimedOut(Duration),
 }
 
-/// A write that takes longer than this is abandoned and retried: a database
-/// that stops answering must not hold a type's queue for the TCP timeout.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// What a failed write leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Find the rows PostgreSQL refuses and dead-letter them.
+    Isolate,
+    /// Retry with a growing delay: the database may be back soon.
+    Backoff,
+    /// Retry at the longest delay: an operator must fix credentials or schema.
+    Slowly,
+}
+
+fn step_after(failure: Failure) -> Step {
+    match failure {
+        Failure::Refused => Step::Isolate,
+        Failure::Unavailable => Step::Backoff,
+        Failure::Auth | Failure::Schema => Step::Slowly,
+    }
+}
+
 /// After a direct COPY hit a key conflict, this many batches go straight to
 /// the staging merge before the direct path is tried again (re-published
 /// candles conflict on nearly every batch).
 const MERGE_STREAK: u32 = 16;
+const FIRST_RETRY: Duration = Duration::from_millis(200);
+const LAST_RETRY: Duration = Duration::from_secs(10);
 
 pub struct Sink {
     spec: &'static RecordSpec,
@@ -122,11 +148,14 @@ pub struct Sink {
     db: Database,
     metrics: Arc<Metrics>,
     dead_letters: DeadLetters,
-    ack_wait: Duration,
+    lifecycle: Lifecycle,
     /// Fired when shutdown can wait no longer for the database.
     give_up: CancellationToken,
     /// Batches left to send straight to the staging merge.
     merges_ahead: AtomicU32,
+    /// The failure the last write attempt met (0 = none), so a lasting
+    /// state is logged when it starts and when it ends, not per retry.
+    failing: AtomicU8,
 }
 
 impl Sink {
@@ -135,7 +164,7 @@ impl Sink {
         db: Database,
         metrics: Arc<Metrics>,
         dead_letters: DeadLetters,
-        ack_wait: Duration,
+        lifecycle: Lifecycle,
         give_up: CancellationToken,
     ) -> Self {
         let spec = record_type.spec();
@@ -145,9 +174,10 @@ impl Sink {
             db,
             metrics,
             dead_letters,
-            ack_wait,
+            lifecycle,
             give_up,
             merges_ahead: AtomicU32::new(0),
+            failing: AtomicU8::new(0),
         }
     }
 
@@ -155,14 +185,17 @@ impl Sink {
         self.spec.record_type
     }
 
-    /// Writes the batch (retrying while the database is unavailable), then
-    /// acknowledges its messages. Dropping the batch frees its queue room.
-    pub async fn flush(&self, batch: Vec<Delivery>, trigger: FlushTrigger) {
+    /// Writes the batch (retrying while the database is unavailable) and
+    /// returns each message's outcome, in order.
+    pub async fn flush(&self, batch: &[Delivery], trigger: FlushTrigger) -> Vec<Outcome> {
         let started = Instant::now();
-        let rows = batch.iter().map(|d| d.rows.len()).sum::<usize>();
-        let data = self.encode(&self.stage(&batch));
-        match self.write_retrying(&data, rows, &batch).await {
-            WriteOutcome::Written => {
+        // Counted as sent: a key repeated within the batch is one row in
+        // the table but every message's rows were written.
+        let rows = batch.iter().map(|d| d.rows.len()).sum();
+        let staged = stage(self.spec, batch);
+        let data = self.encode(&staged);
+        match self.write_retrying(&data, rows).await {
+            Written::Done => {
                 self.metrics.flushed(
                     self.record_type(),
                     trigger,
@@ -170,86 +203,70 @@ impl Sink {
                     batch.len(),
                     started.elapsed(),
                 );
-                acknowledge(&batch).await;
+                vec![Outcome::Written; batch.len()]
             }
-            WriteOutcome::Refused => {
-                self.write_isolating_bad_rows(&batch, trigger, started)
-                    .await
+            Written::Refused(_) => self.isolate_bad_rows(batch, trigger, started).await,
+            Written::GaveUp => {
+                self.gave_up(batch);
+                vec![Outcome::Abandoned; batch.len()]
             }
-            WriteOutcome::GaveUp => self.gave_up(rows),
         }
     }
 
-    fn gave_up(&self, rows: usize) {
-        tracing::warn!(
-            r#type = self.record_type().name(),
-            rows,
-            "shutting down with the database unavailable: leaving the rows unacknowledged for redelivery"
+    fn gave_up(&self, left: &[Delivery]) {
+        self.metrics.writes_abandoned(
+            self.record_type(),
+            left.len(),
+            left.iter().map(|d| d.rows.len()).sum(),
         );
     }
 
-    /// Writes encoded rows, retrying with backoff everything but a refusal of
-    /// the data, and keeping the `held` messages from being redelivered meanwhile.
-    async fn write_retrying(&self, data: &str, rows: usize, held: &[Delivery]) -> WriteOutcome {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        let mut last_progress = Instant::now();
+    /// Writes encoded rows, retrying everything but a refusal of the data.
+    async fn write_retrying(&self, data: &str, rows: usize) -> Written {
+        let mut backoff = Backoff::new(FIRST_RETRY, LAST_RETRY);
         loop {
+            let timeout = self.lifecycle.write_timeout();
+            // The client waits a little longer than the server's statement
+            // timeout, so the server normally ends a slow write cleanly.
+            let bound = timeout + self.lifecycle.ack_wait() / 4;
             let attempt = tokio::select! {
-                _ = self.give_up.cancelled() => return WriteOutcome::GaveUp,
-                attempt = tokio::time::timeout(WRITE_TIMEOUT, self.write(data)) => attempt,
+                biased;
+                _ = self.give_up.cancelled() => return Written::GaveUp,
+                attempt = tokio::time::timeout(bound, self.write(data, timeout)) => attempt,
             };
-            let error = match attempt {
-                Ok(Ok(())) => return WriteOutcome::Written,
-                Ok(Err(e)) if is_data_error(&e) => return WriteOutcome::Refused,
-                Ok(Err(e)) => WriteError::Database(e),
-                Err(_) => WriteError::TimedOut(WRITE_TIMEOUT),
+            let (error, failure) = match attempt {
+                Ok(Ok(())) => {
+                    if self.failing.swap(0, Ordering::Relaxed) != 0 {
+                        self.metrics.writes_recovered(self.record_type());
+                    }
+                    return Written::Done;
+                }
+                Ok(Err(e)) => {
+                    let failure = failure(&e);
+                    (WriteError::Database(e), failure)
+                }
+                Err(_) => (WriteError::TimedOut(bound), Failure::Unavailable),
             };
-            let delay = backoff.next_delay();
+            let delay = match step_after(failure) {
+                Step::Isolate => {
+                    let WriteError::Database(e) = error else {
+                        unreachable!("a timeout is never a refusal")
+                    };
+                    return Written::Refused(e);
+                }
+                Step::Backoff => backoff.next_delay(),
+                Step::Slowly => LAST_RETRY,
+            };
+            let code = failure_code(failure);
+            let first = self.failing.swap(code, Ordering::Relaxed) != code;
             self.metrics
-                .flush_failed(self.record_type(), rows, delay, &error);
-            if last_progress.elapsed() >= self.ack_wait / 3 {
-                progress(held).await;
-                last_progress = Instant::now();
-            }
+                .flush_failed(self.record_type(), rows, delay, failure, first, &error);
             tokio::select! {
-                _ = self.give_up.cancelled() => return WriteOutcome::GaveUp,
+                biased;
+                _ = self.give_up.cancelled() => return Written::GaveUp,
                 _ = tokio::time::sleep(delay) => {}
             }
         }
-    }
-
-    /// The batch's rows with in-batch duplicate keys resolved by the type's rule.
-    fn stage<'a>(&self, batch: &'a [Delivery]) -> Vec<StagedRow<'a>> {
-        let key_positions = self.spec.key_positions();
-        let mut by_key: HashMap<String, usize> = HashMap::new();
-        let mut staged: Vec<StagedRow<'a>> = Vec::new();
-        for delivery in batch {
-            for values in &delivery.rows {
-                let mut key = String::new();
-                for &p in &key_positions {
-                    values[p].write_copy_text(&mut key);
-                    key.push('\u{1f}');
-                }
-                let row = StagedRow {
-                    values,
-                    stream_seq: delivery.stream_seq,
-                };
-                match by_key.get(&key) {
-                    None => {
-                        by_key.insert(key, staged.len());
-                        staged.push(row);
-                    }
-                    Some(&i) => {
-                        let newer = row.stream_seq.unwrap_or(u64::MAX)
-                            >= staged[i].stream_seq.unwrap_or(u64::MAX);
-                        if self.spec.conflict == Conflict::NewestWins && newer {
-                            staged[i] = row;
-                        }
-                    }
-                }
-            }
-        }
-        staged
     }
 
     fn encode(&self, rows: &[StagedRow<'_>]) -> String {
@@ -265,15 +282,34 @@ impl Sink {
         data
     }
 
-    /// One transaction: the direct COPY, or on a key conflict the staging merge.
-    async fn write(&self, data: &str) -> Result<(), sqlx::Error> {
-        let mut conn = self.db.pool.acquire().await?;
+    /// One transaction: the direct COPY, or on a key conflict the staging
+    /// merge. Every statement is bounded server-side by `timeout`.
+    async fn write(&self, data: &str, timeout: Duration) -> Result<(), sqlx::Error> {
+        let mut conn = WriteConnection {
+            conn: self.db.pool.acquire().await?,
+            settled: false,
+        };
+        let result = self.write_on(&mut conn.conn, data, timeout).await;
+        conn.settled = true;
+        result
+    }
+
+    async fn write_on(
+        &self,
+        conn: &mut PgConnection,
+        data: &str,
+        timeout: Duration,
+    ) -> Result<(), sqlx::Error> {
+        let bound = format!(
+            "SET LOCAL statement_timeout = {}",
+            timeout.as_millis().max(1)
+        );
         let merge_now = self
             .merges_ahead
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
             .is_ok();
         if !merge_now {
-            let mut tx = conn.begin().await?;
+            let mut tx = conn.begin_with(format!("BEGIN; {bound}")).await?;
             match copy(&mut tx, &self.statements.copy_direct, data).await {
                 Ok(()) => return tx.commit().await,
                 Err(e) if !is_unique_violation(&e) => return Err(e),
@@ -283,10 +319,11 @@ impl Sink {
                 }
             }
         }
-        let mut tx = conn.begin().await?;
         // The staging table usually exists already on this connection: no notice for that.
-        sqlx::query("SET LOCAL client_min_messages = warning")
-            .execute(&mut *tx)
+        let mut tx = conn
+            .begin_with(format!(
+                "BEGIN; {bound}; SET LOCAL client_min_messages = warning"
+            ))
             .await?;
         sqlx::query(&self.statements.create_staging)
             .execute(&mut *tx)
@@ -299,61 +336,54 @@ impl Sink {
     }
 
     /// PostgreSQL refused data that passed validation: write each message,
-    /// then each of its rows, alone; dead-letter the rows it refuses, so one
-    /// bad row never blocks the queue. Each message is acknowledged once its
-    /// rows are written or dead-lettered.
-    async fn write_isolating_bad_rows(
+    /// then each of its rows, alone; dead-letter the rows it refuses with
+    /// their original record text, so one bad row never blocks the queue.
+    async fn isolate_bad_rows(
         &self,
         batch: &[Delivery],
         trigger: FlushTrigger,
         started: Instant,
-    ) {
+    ) -> Vec<Outcome> {
+        let mut outcomes = Vec::with_capacity(batch.len());
         let mut written = 0;
         for (done, delivery) in batch.iter().enumerate() {
-            let staged = self.stage(std::slice::from_ref(delivery));
-            let held = std::slice::from_ref(delivery);
-            let mut dead_lettered = true;
-            match self
-                .write_retrying(&self.encode(&staged), staged.len(), held)
+            let staged = stage(self.spec, std::slice::from_ref(delivery));
+            let outcome = match self
+                .write_retrying(&self.encode(&staged), staged.len())
                 .await
             {
-                WriteOutcome::Written => written += staged.len(),
-                WriteOutcome::GaveUp => {
-                    self.gave_up(batch[done..].iter().map(|d| d.rows.len()).sum());
-                    break;
+                Written::Done => {
+                    written += delivery.rows.len();
+                    Outcome::Written
                 }
-                WriteOutcome::Refused => {
+                Written::GaveUp => Outcome::Abandoned,
+                Written::Refused(_) => {
+                    let mut refused = Vec::new();
+                    let mut abandoned = false;
                     for row in &staged {
                         let one = self.encode(std::slice::from_ref(row));
-                        match self.write_retrying(&one, 1, held).await {
-                            WriteOutcome::Written => written += 1,
-                            WriteOutcome::Refused => {
-                                let rejected = Rejected {
-                                    reject: Reject::new(
-                                        RejectReason::DatabaseRejected,
-                                        "PostgreSQL refused the row",
-                                    ),
-                                    payload: self.record_json(row.values).into(),
-                                };
-                                dead_lettered &= self
-                                    .dead_letters
-                                    .send_all(self.record_type(), &delivery.subject, &[rejected])
-                                    .await;
-                            }
-                            WriteOutcome::GaveUp => {
-                                self.gave_up(batch[done..].iter().map(|d| d.rows.len()).sum());
-                                return;
+                        match self.write_retrying(&one, 1).await {
+                            Written::Done => written += 1,
+                            Written::Refused(e) => refused.push((row.index, refusal(&e))),
+                            Written::GaveUp => {
+                                abandoned = true;
+                                break;
                             }
                         }
                     }
+                    if abandoned {
+                        Outcome::Abandoned
+                    } else {
+                        self.dead_letter_refused(delivery, refused).await
+                    }
                 }
+            };
+            if outcome == Outcome::Abandoned {
+                self.gave_up(&batch[done..]);
+                outcomes.resize(batch.len(), Outcome::Abandoned);
+                break;
             }
-            if dead_lettered {
-                acknowledge(held).await;
-            } else {
-                // A refused row could not be dead-lettered: have it delivered again.
-                retry_later(held).await;
-            }
+            outcomes.push(outcome);
         }
         self.metrics.flushed(
             self.record_type(),
@@ -362,17 +392,114 @@ impl Sink {
             batch.len(),
             started.elapsed(),
         );
+        outcomes
     }
 
-    fn record_json(&self, values: &[Value]) -> Vec<u8> {
-        let object: serde_json::Map<String, serde_json::Value> = self
-            .spec
-            .column_names()
-            .zip(values)
-            .map(|(name, value)| (name.to_string(), value.to_json()))
+    /// Publishes the rows PostgreSQL refused, each as its record's original text.
+    async fn dead_letter_refused(
+        &self,
+        delivery: &Delivery,
+        refused: Vec<(usize, Reject)>,
+    ) -> Outcome {
+        if refused.is_empty() {
+            return Outcome::Written;
+        }
+        let texts = record_texts(self.spec, &delivery.payload);
+        let rejected: Vec<Rejected> = refused
+            .into_iter()
+            .map(|(index, reject)| Rejected {
+                payload: texts
+                    .get(index)
+                    .cloned()
+                    .unwrap_or_else(|| delivery.payload.clone()),
+                reject,
+            })
             .collect();
-        serde_json::to_vec(&object).unwrap_or_default()
+        let unstored = self
+            .dead_letters
+            .send_all(self.record_type(), delivery, Origin::Database, &rejected)
+            .await;
+        Outcome::DeadLettered {
+            rejects: rejected.into_iter().map(|r| r.reject).collect(),
+            unstored,
+        }
     }
+}
+
+/// A pooled connection for one write. A write abandoned mid-way (its future
+/// dropped by the client-side timeout or by shutdown) may leave the
+/// connection busy on the server: it is closed, never returned to the pool.
+struct WriteConnection {
+    conn: PoolConnection<Postgres>,
+    /// The write ran to its end, so the connection is in a known state.
+    settled: bool,
+}
+
+impl Drop for WriteConnection {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+fn failure_code(failure: Failure) -> u8 {
+    match failure {
+        Failure::Unavailable => 1,
+        Failure::Auth => 2,
+        Failure::Schema => 3,
+        Failure::Refused => 4,
+    }
+}
+
+/// The dead letter's reason for a row PostgreSQL refused, with its words.
+fn refusal(error: &sqlx::Error) -> Reject {
+    let detail = match error {
+        sqlx::Error::Database(db) => format!(
+            "PostgreSQL refused the row (SQLSTATE {}): {}",
+            db.code().as_deref().unwrap_or("?"),
+            db.message()
+        ),
+        other => format!("PostgreSQL refused the row: {other}"),
+    };
+    Reject::new(RejectReason::DatabaseRejected, detail)
+}
+
+/// The batch's rows with in-batch duplicate keys resolved by the type's
+/// rule: a tick keeps its first version, the other types the newest (the
+/// higher stream sequence; within one message, the later record).
+fn stage<'a>(spec: &RecordSpec, batch: &'a [Delivery]) -> Vec<StagedRow<'a>> {
+    let key_positions = spec.key_positions();
+    let mut by_key: HashMap<String, usize> = HashMap::new();
+    let mut staged: Vec<StagedRow<'a>> = Vec::new();
+    for delivery in batch {
+        for (index, values) in delivery.rows.iter().enumerate() {
+            let mut key = String::new();
+            for &p in &key_positions {
+                values[p].write_copy_text(&mut key);
+                key.push('\u{1f}');
+            }
+            let row = StagedRow {
+                values,
+                stream_seq: delivery.stream_seq,
+                index,
+            };
+            match by_key.get(&key) {
+                None => {
+                    by_key.insert(key, staged.len());
+                    staged.push(row);
+                }
+                Some(&i) => {
+                    let newer = row.stream_seq.unwrap_or(u64::MAX)
+                        >= staged[i].stream_seq.unwrap_or(u64::MAX);
+                    if spec.conflict == Conflict::NewestWins && newer {
+                        staged[i] = row;
+                    }
+                }
+            }
+        }
+    }
+    staged
 }
 
 async fn copy(conn: &mut PgConnection, statement: &str, data: &str) -> Result<(), sqlx::Error> {
@@ -385,58 +512,130 @@ async fn copy(conn: &mut PgConnection, statement: &str, data: &str) -> Result<()
     copy.finish().await.map(|_| ())
 }
 
-fn sql_state(error: &sqlx::Error) -> Option<String> {
-    match error {
-        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
-        _ => None,
-    }
-}
-
 fn is_unique_violation(error: &sqlx::Error) -> bool {
-    sql_state(error).as_deref() == Some("23505")
-}
-
-/// The row itself is the problem (class 22 data exception, 23 integrity):
-/// retrying the same data cannot help. Anything else is retried.
-fn is_data_error(error: &sqlx::Error) -> bool {
-    failure(error) == Failure::Refused
-        && sql_state(error).is_some_and(|c| c.starts_with("22") || c.starts_with("23"))
-}
-
-async fn acknowledge(batch: &[Delivery]) {
-    for delivery in batch {
-        if let Some(ack) = &delivery.ack {
-            if let Err(e) = ack.ack().await {
-                // The rows are committed; a redelivery is written idempotently.
-                tracing::warn!(error = %e, "could not acknowledge a written message; it will be redelivered");
-            }
-        }
-    }
-}
-
-/// How long a message whose refused row could not be dead-lettered waits before redelivery.
-const REDELIVER_AFTER: Duration = Duration::from_secs(5);
-
-async fn retry_later(batch: &[Delivery]) {
-    for delivery in batch {
-        if let Some(ack) = &delivery.ack {
-            let _ = ack.ack_with(AckKind::Nak(Some(REDELIVER_AFTER))).await;
-        }
-    }
-}
-
-/// Tells JetStream the messages are still being worked on (resets their ack wait).
-pub async fn progress<'a>(batch: impl IntoIterator<Item = &'a Delivery>) {
-    for delivery in batch {
-        if let Some(ack) = &delivery.ack {
-            let _ = ack.ack_with(AckKind::Progress).await;
-        }
+    match error {
+        sqlx::Error::Database(db) => db.code().as_deref() == Some("23505"),
+        _ => false,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::DateTime;
+
+    fn text(s: &str) -> Value {
+        Value::Text(s.into())
+    }
+
+    fn at(ms: i64) -> Value {
+        Value::Timestamp(DateTime::from_timestamp_millis(ms).unwrap())
+    }
+
+    /// A tick row: symbol, timestamp, price, volume, side, seq.
+    fn tick(symbol: &str, seq: i64, price: f64) -> Vec<Value> {
+        vec![
+            text(symbol),
+            at(0),
+            Value::Float(price),
+            Value::Int(1),
+            text("buy"),
+            Value::Int(seq),
+        ]
+    }
+
+    /// A candle row whose close tells its version apart.
+    fn candle(symbol: &str, close: f64) -> Vec<Value> {
+        let c = Value::Float(close);
+        vec![
+            text(symbol),
+            at(0),
+            c.clone(),
+            c.clone(),
+            c.clone(),
+            c,
+            Value::Int(1),
+            Value::Null,
+        ]
+    }
+
+    #[test]
+    fn in_batch_duplicates_keep_the_first_tick_and_the_newest_version() {
+        let ticks = [
+            Delivery::for_test(
+                vec![
+                    tick("FPT", 1, 10.0),
+                    tick("FPT", 1, 99.0),
+                    tick("FPT", 2, 11.0),
+                ],
+                Some(5),
+            ),
+            Delivery::for_test(vec![tick("FPT", 1, 55.0)], Some(6)),
+        ];
+        let staged = stage(RecordType::Tick.spec(), &ticks);
+        let kept: Vec<(f64, usize)> = staged
+            .iter()
+            .map(|r| (r.values[2].as_f64().unwrap(), r.index))
+            .collect();
+        assert_eq!(
+            kept,
+            [(10.0, 0), (11.0, 2)],
+            "a trade is immutable: the first stays"
+        );
+
+        // Newest wins: the higher stream sequence, whatever the batch order;
+        // within one message the later record.
+        let candles = [
+            Delivery::for_test(vec![candle("FPT", 3.0)], Some(9)),
+            Delivery::for_test(
+                vec![candle("FPT", 1.0), candle("FPT", 2.0), candle("VNM", 7.0)],
+                Some(4),
+            ),
+        ];
+        let staged = stage(RecordType::Candle.spec(), &candles);
+        let kept: Vec<(String, f64, Option<u64>)> = staged
+            .iter()
+            .map(|r| {
+                (
+                    format!("{:?}", r.values[0]),
+                    r.values[5].as_f64().unwrap(),
+                    r.stream_seq,
+                )
+            })
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                ("Text(\"FPT\")".to_string(), 3.0, Some(9)),
+                ("Text(\"VNM\")".to_string(), 7.0, Some(4)),
+            ]
+        );
+        let within_one = [Delivery::for_test(
+            vec![candle("FPT", 1.0), candle("FPT", 2.0)],
+            Some(4),
+        )];
+        let staged = stage(RecordType::Candle.spec(), &within_one);
+        assert_eq!(
+            (staged.len(), staged[0].index),
+            (1, 1),
+            "the later record of a message"
+        );
+    }
+
+    #[test]
+    fn every_failure_class_has_its_step() {
+        assert_eq!(step_after(Failure::Unavailable), Step::Backoff);
+        assert_eq!(step_after(Failure::Auth), Step::Slowly);
+        assert_eq!(step_after(Failure::Schema), Step::Slowly);
+        assert_eq!(step_after(Failure::Refused), Step::Isolate);
+    }
+
+    #[test]
+    fn a_refusal_names_the_sqlstate_and_reason() {
+        let reject = refusal(&sqlx::Error::Protocol("lost".into()));
+        assert_eq!(reject.reason, RejectReason::DatabaseRejected);
+        assert!(reject.detail.contains("lost"), "{}", reject.detail);
+    }
 
     #[test]
     fn statements_follow_the_spec() {

@@ -16,10 +16,10 @@ pub struct Status {
     db_auth_failed: AtomicBool,
     schema_ready: AtomicBool,
     /// One per record type: its consumer or subscription is in place.
-    intake_ready: [AtomicBool; 5],
+    intake_ready: [AtomicBool; RecordType::ALL.len()],
     history_ready: AtomicBool,
     /// Rows waiting per record type.
-    queue_rows: [AtomicUsize; 5],
+    queue_rows: [AtomicUsize; RecordType::ALL.len()],
     storage: Mutex<Storage>,
 }
 

@@ -4,14 +4,59 @@
 //! so a counter and its log never disagree. Labels come from fixed sets
 //! (record type names, reject reasons, flush triggers), never raw error text.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
+use crate::db::Failure;
 use crate::records::{RecordType, Reject, RejectReason};
+
+/// At most one log line per `period` for an event that can happen
+/// thousands of times a second; the lines in between are counted and
+/// reported with the next one.
+struct LogLimiter {
+    period: Duration,
+    /// Milliseconds since `start` of the last line, plus one (0 = never).
+    last: AtomicU64,
+    suppressed: AtomicU64,
+    start: Instant,
+}
+
+impl LogLimiter {
+    fn new(period: Duration) -> Self {
+        LogLimiter {
+            period,
+            last: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+            start: Instant::now(),
+        }
+    }
+
+    /// `Some(lines suppressed since the last one)` when a line may be written now.
+    fn allow(&self) -> Option<u64> {
+        let now = self.start.elapsed().as_millis() as u64 + 1;
+        let last = self.last.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= self.period.as_millis() as u64;
+        if due
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// How often a repeated warning (core-mode drops, slow consumers) is logged.
+const REPEATED_WARNING_EVERY: Duration = Duration::from_secs(10);
 
 /// Why a batch was flushed: the `trigger` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +138,10 @@ pub struct Metrics {
     rows_written: IntCounterVec,
     rejected: IntCounterVec,
     dead_letters_failed: IntCounterVec,
+    dropped: IntCounterVec,
+    /// One per record type: core-mode drops logged at a bounded rate.
+    drop_logs: [LogLimiter; RecordType::ALL.len()],
+    slow_consumer_log: LogLimiter,
     flushes: IntCounterVec,
     flush_duration: HistogramVec,
     flush_errors: IntCounterVec,
@@ -166,9 +215,16 @@ impl Metrics {
             ),
             dead_letters_failed: counter(
                 "tickvault_dead_letter_failures_total",
-                "Rejected input that could not be published to the dead-letter subject",
+                "Rejected records whose dead letter could not be stored within the bound (their message was terminated)",
                 &["type"],
             ),
+            dropped: counter(
+                "tickvault_dropped_total",
+                "Core-mode messages dropped because the type's queue was full",
+                &["type"],
+            ),
+            drop_logs: std::array::from_fn(|_| LogLimiter::new(REPEATED_WARNING_EVERY)),
+            slow_consumer_log: LogLimiter::new(REPEATED_WARNING_EVERY),
             flushes: counter(
                 "tickvault_flushes_total",
                 "Batches committed",
@@ -239,6 +295,8 @@ impl Metrics {
             metrics.rows_written.with_label_values(&[name]);
             metrics.flush_errors.with_label_values(&[name]);
             metrics.consumer_pending.with_label_values(&[name]);
+            metrics.dead_letters_failed.with_label_values(&[name]);
+            metrics.dropped.with_label_values(&[name]);
             for reason in RejectReason::ALL {
                 metrics.rejected.with_label_values(&[name, reason.as_str()]);
             }
@@ -281,7 +339,8 @@ impl Metrics {
         }
     }
 
-    /// The rejected input of one message: counted per reason, logged once.
+    /// The rejected input of one message, once its story ends: counted per
+    /// reason, logged once.
     pub fn rejected<'a>(
         &self,
         record_type: RecordType,
@@ -313,20 +372,40 @@ impl Metrics {
             subject,
             reasons,
             detail,
-            "rejected input, sending it to the dead-letter subject"
+            "rejected input, not written"
         );
     }
 
-    pub fn dead_letters_failed(&self, record_type: RecordType, failed: usize, error: &str) {
+    /// A message whose dead letters could not be stored within the bound
+    /// was terminated: its `failed` rejected records are not in the
+    /// dead-letter stream.
+    pub fn dead_letters_abandoned(&self, record_type: RecordType, subject: &str, failed: usize) {
         tracing::error!(
             r#type = record_type.name(),
+            subject,
             failed,
-            error,
-            "could not publish dead letters"
+            "could not store dead letters after repeated deliveries; the message is terminated and its rejected records are lost (its valid rows are written)"
         );
         self.dead_letters_failed
             .with_label_values(&[record_type.name()])
             .inc_by(failed as u64);
+    }
+
+    /// Core mode: a message found its type's queue full and was dropped.
+    pub fn dropped(&self, record_type: RecordType, subject: &str) {
+        self.dropped.with_label_values(&[record_type.name()]).inc();
+        let slot = RecordType::ALL
+            .iter()
+            .position(|t| *t == record_type)
+            .expect("every type is in ALL");
+        if let Some(suppressed) = self.drop_logs[slot].allow() {
+            tracing::warn!(
+                r#type = record_type.name(),
+                subject,
+                also_dropped_since_last_line = suppressed,
+                "core mode: the queue is full, dropping messages (see tickvault_dropped_total)"
+            );
+        }
     }
 
     pub fn flushed(
@@ -357,23 +436,53 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// A batch write failed and will be retried after `retry_in`. An
+    /// unavailable database is logged at every attempt (the backoff bounds
+    /// the rate); credentials or schema problems when they start, with what
+    /// to do.
     pub fn flush_failed(
         &self,
         record_type: RecordType,
         rows: usize,
         retry_in: Duration,
+        failure: Failure,
+        starts: bool,
         error: &dyn std::error::Error,
     ) {
+        let name = record_type.name();
+        let retry_in_ms = retry_in.as_millis() as u64;
+        match failure {
+            Failure::Auth if starts => tracing::error!(
+                r#type = name, rows, retry_in_ms, error = %error,
+                "the database refuses tickvault's credentials or connection settings: fix database.url (user, password, sslmode); the batch is kept and retried"
+            ),
+            Failure::Schema if starts => tracing::error!(
+                r#type = name, rows, retry_in_ms, error = %error,
+                "the database schema or privileges are not what tickvault expects: run `tickvault migrate` or grant the privileges; the batch is kept and retried"
+            ),
+            Failure::Auth | Failure::Schema => {}
+            Failure::Unavailable | Failure::Refused => tracing::warn!(
+                r#type = name, rows, retry_in_ms, error = %error,
+                "batch write failed, keeping the batch and retrying"
+            ),
+        }
+        self.flush_errors.with_label_values(&[name]).inc();
+    }
+
+    /// Writes succeed again after failing.
+    pub fn writes_recovered(&self, record_type: RecordType) {
+        tracing::info!(r#type = record_type.name(), "batch writes succeed again");
+    }
+
+    /// Shutdown could wait no longer for the database: the messages are
+    /// handed back to JetStream for another worker.
+    pub fn writes_abandoned(&self, record_type: RecordType, messages: usize, rows: usize) {
         tracing::warn!(
             r#type = record_type.name(),
+            messages,
             rows,
-            retry_in_ms = retry_in.as_millis() as u64,
-            error = %error,
-            "batch write failed, keeping the batch and retrying"
+            "shutting down with the database stuck or unavailable: handing the messages back to JetStream for another worker"
         );
-        self.flush_errors
-            .with_label_values(&[record_type.name()])
-            .inc();
     }
 
     pub fn db_pool(&self, idle: usize, size: u32, max: u32) {
@@ -437,6 +546,14 @@ impl Metrics {
         match event {
             async_nats::Event::Connected => self.nats_connection(true),
             async_nats::Event::Disconnected => self.nats_connection(false),
+            async_nats::Event::SlowConsumer(_) => {
+                if let Some(suppressed) = self.slow_consumer_log.allow() {
+                    tracing::warn!(
+                        also_since_last_line = suppressed,
+                        "a NATS subscription's buffer is full: the client drops its messages"
+                    );
+                }
+            }
             other => tracing::warn!(event = %other, "NATS client event"),
         }
     }
@@ -480,5 +597,22 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_warning_is_logged_at_a_bounded_rate() {
+        let limiter = LogLimiter::new(Duration::from_secs(3600));
+        assert_eq!(limiter.allow(), Some(0), "the first line is written");
+        assert_eq!(limiter.allow(), None);
+        assert_eq!(limiter.allow(), None);
+        assert_eq!(limiter.suppressed.load(Ordering::Relaxed), 2);
+        let every_time = LogLimiter::new(Duration::ZERO);
+        assert_eq!(every_time.allow(), Some(0));
+        assert_eq!(every_time.allow(), Some(0));
     }
 }

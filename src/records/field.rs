@@ -128,9 +128,11 @@ impl Value {
             Value::Timestamp(ts) => {
                 let _ = write!(out, "{}", ts.format("%Y-%m-%d %H:%M:%S%.6f+00"));
             }
-            // `{}` on f64 prints the shortest text that reads back to the same value.
+            // `{:?}` on f64 prints the shortest text that reads back to the
+            // same value, with an exponent for very large or small ones
+            // (`5e-324`, `1.7976931348623157e308`, `-0.0`): stored bit for bit.
             Value::Float(v) => {
-                let _ = write!(out, "{v}");
+                let _ = write!(out, "{v:?}");
             }
             Value::Int(v) => {
                 let _ = write!(out, "{v}");
@@ -179,7 +181,7 @@ pub fn parse_timestamp(json: &Json) -> Result<DateTime<Utc>, String> {
                 "must be an RFC 3339 timestamp with an offset or epoch milliseconds".to_string()
             })?,
         Json::Number(_) => {
-            let millis = integer(json).ok_or("epoch milliseconds must be an integer")?;
+            let millis = integer(json).map_err(|rule| format!("epoch milliseconds {rule}"))?;
             DateTime::from_timestamp_millis(millis).ok_or("epoch milliseconds out of range")?
         }
         _ => return Err("must be an RFC 3339 string or epoch milliseconds".into()),
@@ -197,16 +199,36 @@ pub fn parse_timestamp(json: &Json) -> Result<DateTime<Utc>, String> {
     DateTime::from_timestamp_micros(micros).ok_or_else(|| "is out of range".into())
 }
 
-/// A JSON number with no fractional part, within i64.
-fn integer(json: &Json) -> Option<i64> {
-    let number = json.as_number()?;
+/// A JSON number with no fractional part, stored exactly as an `i64`, or
+/// why not. Never wrapped or rounded: an integer outside the signed 64-bit
+/// range is refused, and one written with a fraction or an exponent
+/// (`100.0`, `1e3`) only below 2^53, where a double still holds every
+/// integer exactly. (Such a number is read as a double first, so digits
+/// beyond a double's precision, as in `1.00000000000000001`, are not seen.)
+fn integer(json: &Json) -> Result<i64, &'static str> {
+    const NOT_AN_INTEGER: &str = "must be an integer";
+    const OUT_OF_RANGE: &str =
+        "is outside the signed 64-bit integer range (-9223372036854775808..=9223372036854775807)";
+    let number = json.as_number().ok_or(NOT_AN_INTEGER)?;
     if let Some(v) = number.as_i64() {
-        return Some(v);
+        return Ok(v);
     }
-    let v = number.as_f64()?;
-    // i64 spans [-2^63, 2^63): 2^63 itself does not fit, hence the half-open range.
+    if number.is_u64() {
+        return Err(OUT_OF_RANGE);
+    }
+    let v = number.as_f64().ok_or(NOT_AN_INTEGER)?;
+    if v.fract() != 0.0 || !v.is_finite() {
+        return Err(NOT_AN_INTEGER);
+    }
+    const TWO_POW_53: f64 = 9_007_199_254_740_992.0;
     const TWO_POW_63: f64 = 9_223_372_036_854_775_808.0;
-    (v.fract() == 0.0 && (-TWO_POW_63..TWO_POW_63).contains(&v)).then_some(v as i64)
+    if v.abs() >= TWO_POW_63 {
+        Err(OUT_OF_RANGE)
+    } else if v.abs() >= TWO_POW_53 {
+        Err("cannot be read exactly when written with a fraction or an exponent from 2^53 up: write it as a plain integer")
+    } else {
+        Ok(v as i64)
+    }
 }
 
 impl FieldType {
@@ -247,7 +269,7 @@ impl FieldType {
                 }
             }
             FieldType::PositiveInt | FieldType::NonNegativeInt => {
-                let v = integer(json).ok_or_else(|| invalid("must be an integer"))?;
+                let v = integer(json).map_err(invalid)?;
                 match self {
                     FieldType::PositiveInt if v <= 0 => Err(invalid("must be > 0")),
                     FieldType::NonNegativeInt if v < 0 => Err(invalid("must be >= 0")),
@@ -304,13 +326,73 @@ mod tests {
         );
     }
 
+    fn parsed(text: &str) -> Result<i64, &'static str> {
+        integer(&serde_json::from_str(text).unwrap())
+    }
+
     #[test]
-    fn integers_accept_whole_floats_only() {
-        assert_eq!(integer(&json!(100)), Some(100));
-        assert_eq!(integer(&json!(100.0)), Some(100));
-        assert_eq!(integer(&json!(100.5)), None);
-        assert_eq!(integer(&json!(1e300)), None);
-        assert_eq!(integer(&json!(u64::MAX)), None);
+    fn integers_are_exact_or_refused_never_wrapped_or_rounded() {
+        assert_eq!(parsed("100"), Ok(100));
+        assert_eq!(parsed("100.0"), Ok(100));
+        assert_eq!(parsed("1e3"), Ok(1000));
+        assert_eq!(parsed("-9223372036854775808"), Ok(i64::MIN));
+        assert_eq!(parsed("9223372036854775807"), Ok(i64::MAX));
+        assert_eq!(parsed("9007199254740991.0"), Ok((1 << 53) - 1));
+        assert_eq!(parsed("100.5"), Err("must be an integer"));
+        for out_of_range in [
+            "9223372036854775808",
+            "18446744073709551615",
+            "-9223372036854775809",
+            "1e19",
+            "1e300",
+            "99999999999999999999999",
+        ] {
+            let refused = parsed(out_of_range).unwrap_err();
+            assert!(refused.contains("outside"), "{out_of_range}: {refused}");
+        }
+        // 2^53 + 1 written as a float would be read as 2^53: refused instead.
+        assert!(parsed("9007199254740993.0")
+            .unwrap_err()
+            .contains("plain integer"));
+        let reject = FieldType::NonNegativeInt
+            .parse(
+                "volume",
+                &serde_json::from_str("9223372036854775808").unwrap(),
+            )
+            .unwrap_err();
+        assert_eq!(reject.reason, RejectReason::InvalidValue);
+        assert!(
+            reject.detail.starts_with("field `volume` is outside"),
+            "{}",
+            reject.detail
+        );
+    }
+
+    #[test]
+    fn floats_are_copied_with_every_bit() {
+        let values = [
+            13.841000000000001,
+            0.1 + 0.2,
+            5e-324,
+            2.2250738585072014e-308,
+            1.7976931348623157e308,
+            -0.0,
+            1e16,
+            123456789012345680.0,
+        ];
+        for v in values {
+            let mut text = String::new();
+            Value::Float(v).write_copy_text(&mut text);
+            let back: f64 = text.parse().unwrap();
+            assert_eq!(back.to_bits(), v.to_bits(), "{v} as {text}");
+            assert!(text.len() <= 24, "{text}: compact");
+            let json: Json = serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap();
+            assert_eq!(json.as_f64().unwrap().to_bits(), v.to_bits(), "JSON {v}");
+        }
+        // serde_json reads the closest double (its float_roundtrip feature).
+        let read: Json = serde_json::from_str("13.841000000000001").unwrap();
+        assert_eq!(read.as_f64(), Some(13.841000000000001));
+        assert_ne!(read.as_f64(), Some(13.841));
     }
 
     #[test]

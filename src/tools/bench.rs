@@ -12,6 +12,11 @@
 //!      is committed; then `SELECT count(*)` must equal the rows exactly.
 //! 4. Medians of rows/s and of the worker/baseline ratio, the peak RSS and the
 //!    worker's flush durations. The database and streams are removed at the end.
+//!
+//! `--scenario history` measures the history service instead: one market
+//! day of 1-minute candles and 50,000 ticks inserted with SQL, each asked
+//! for `--runs` times through the running service (following cursors) and
+//! read with the equivalent plain query, the baseline.
 
 use std::time::Duration;
 
@@ -46,6 +51,18 @@ pub struct BenchArgs {
     /// Give up on a worker run after this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout_secs: u64,
+    /// What to measure: `ingest` throughput or `history` latency.
+    #[arg(long, value_enum, default_value_t = Scenario::Ingest)]
+    pub scenario: Scenario,
+}
+
+/// The benchmark's workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Messages pre-filled into a stream, consumed and written by the worker.
+    Ingest,
+    /// A day of candles and 50,000 ticks asked for through the history service.
+    History,
 }
 
 fn parse_type(name: &str) -> Result<RecordType, String> {
@@ -225,7 +242,10 @@ pub async fn run(config: &Config, args: BenchArgs) -> Result<(), BenchError> {
         stream: format!("TVBENCH_{id}"),
         prefix: format!("mdbench{id}"),
     };
-    let result = bench(config, &args, &scratch).await;
+    let result = match args.scenario {
+        Scenario::Ingest => bench(config, &args, &scratch).await,
+        Scenario::History => history(config, &args, &scratch).await,
+    };
     scratch.remove().await;
     result
 }
@@ -248,11 +268,8 @@ fn validate(config: &Config, args: &BenchArgs) -> Result<(), BenchError> {
     Ok(())
 }
 
-async fn bench(config: &Config, args: &BenchArgs, scratch: &Scratch) -> Result<(), BenchError> {
-    let spec = args.record_type.spec();
-    let rows = args.messages * args.records_per_message as u64;
-
-    // The worker's configuration: the bench's database, stream and prefixes.
+/// The worker's configuration: the bench's database, stream and prefixes.
+fn worker_config(config: &Config, scratch: &Scratch) -> Config {
     let mut worker = config.clone();
     worker.database.url = SecretUrl::new(scratch.url.clone());
     worker.ingest.mode = IngestMode::Jetstream;
@@ -260,6 +277,13 @@ async fn bench(config: &Config, args: &BenchArgs, scratch: &Scratch) -> Result<(
     worker.ingest.subject_prefix = scratch.prefix.clone();
     worker.history.subject_prefix = format!("{}history", scratch.prefix);
     worker.http.addr = "127.0.0.1:0".parse().expect("a valid socket address");
+    worker
+}
+
+async fn bench(config: &Config, args: &BenchArgs, scratch: &Scratch) -> Result<(), BenchError> {
+    let spec = args.record_type.spec();
+    let rows = args.messages * args.records_per_message as u64;
+    let worker = worker_config(config, scratch);
 
     let db = Database::connect_lazy(&worker.database)?;
     db.migrate().await?;
@@ -349,6 +373,165 @@ async fn bench(config: &Config, args: &BenchArgs, scratch: &Scratch) -> Result<(
         None => println!("  peak RSS: unavailable (no /proc/self/status)"),
     }
     Ok(())
+}
+
+/// The history scenario's data: 375 one-minute candles (09:00-15:14 on
+/// 2026-11-26, market time) and 50,000 ticks, four per 100 ms, all of FPT.
+const HISTORY_CANDLES: i64 = 375;
+const HISTORY_TICKS: i64 = 50_000;
+const HISTORY_DAY: &str = "2026-11-26";
+
+async fn history(config: &Config, args: &BenchArgs, scratch: &Scratch) -> Result<(), BenchError> {
+    let worker = worker_config(config, scratch);
+    let db = Database::connect_lazy(&worker.database)?;
+    db.migrate().await?;
+    for sql in [
+        format!(
+            "INSERT INTO candles_1m (symbol, \"timestamp\", open, high, low, close, volume, value) \
+             SELECT 'FPT', TIMESTAMPTZ '{HISTORY_DAY} 09:00:00+07' + i * INTERVAL '1 minute', 10, 12, 9, 11, 100, 1.5e6 \
+             FROM generate_series(0, {}) AS i",
+            HISTORY_CANDLES - 1
+        ),
+        format!(
+            "INSERT INTO tick_data SELECT 'FPT', TIMESTAMPTZ '{HISTORY_DAY} 09:00:00+07' + (i / 4) * INTERVAL '100 milliseconds', \
+             97.5, 100, 'buy', i FROM generate_series(0, {}) AS i",
+            HISTORY_TICKS - 1
+        ),
+    ] {
+        sqlx::query(&sql)
+            .execute(&db.pool)
+            .await
+            .map_err(db_error("insert the history rows"))?;
+    }
+
+    let app = App::build(worker.clone()).await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(app.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    let client =
+        tickvault::nats::connect(&worker.nats, |options| options.name("tickvault-bench")).await?;
+    let prefix = &worker.history.subject_prefix;
+    let day = json!({"symbol": "FPT", "from": HISTORY_DAY, "to": HISTORY_DAY, "limit": 50_000});
+    // The service answers once the worker is up.
+    let started = Instant::now();
+    while ask_all(&client, &format!("{prefix}.candles"), &day)
+        .await
+        .is_err()
+    {
+        if started.elapsed() > Duration::from_secs(args.timeout_secs) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut timings: Vec<[f64; 4]> = Vec::with_capacity(args.runs);
+    for _ in 0..args.runs {
+        let (candles, candle_s) =
+            timed(ask_all(&client, &format!("{prefix}.candles"), &day)).await?;
+        let (ticks, tick_s) = timed(ask_all(&client, &format!("{prefix}.ticks"), &day)).await?;
+        let (candle_rows, candle_sql_s) = timed(select_day(&db, "candles_1m")).await?;
+        let (tick_rows, tick_sql_s) = timed(select_day(&db, "tick_data")).await?;
+        for (table, served, read, expected) in [
+            ("candles_1m", candles.0, candle_rows, HISTORY_CANDLES),
+            ("tick_data", ticks.0, tick_rows, HISTORY_TICKS),
+        ] {
+            if served != expected || read != expected {
+                return Err(BenchError::WrongCount {
+                    table,
+                    expected: expected as u64,
+                    actual: served.min(read),
+                });
+            }
+        }
+        println!(
+            "run: candles {:.1} ms (baseline {:.1} ms)   ticks {:.1} ms in {} replies (baseline {:.1} ms)",
+            candle_s * 1e3,
+            candle_sql_s * 1e3,
+            tick_s * 1e3,
+            ticks.1,
+            tick_sql_s * 1e3
+        );
+        timings.push([candle_s, candle_sql_s, tick_s, tick_sql_s]);
+    }
+    let _ = stop.send(());
+    match tokio::time::timeout(Duration::from_secs(40), handle).await {
+        Ok(Ok(result)) => result?,
+        Ok(Err(e)) => tracing::error!(error = %e, "the worker task failed"),
+        Err(_) => tracing::error!("the worker did not stop within 40 s"),
+    }
+    db.pool.close().await;
+    let median_of = |k: usize| median(timings.iter().map(|t| t[k]).collect());
+    println!("tickvault bench --scenario history: runs={}", args.runs);
+    for (what, served, baseline) in [
+        (
+            "one day of 1m candles (375 rows)",
+            median_of(0),
+            median_of(1),
+        ),
+        ("50,000 ticks, every page", median_of(2), median_of(3)),
+    ] {
+        println!(
+            "  {what}: median {:.1} ms, baseline query {:.1} ms, ratio service/baseline {:.2}",
+            served * 1e3,
+            baseline * 1e3,
+            served / baseline
+        );
+    }
+    Ok(())
+}
+
+async fn timed<T>(
+    work: impl std::future::Future<Output = Result<T, BenchError>>,
+) -> Result<(T, f64), BenchError> {
+    let started = Instant::now();
+    let value = work.await?;
+    Ok((value, started.elapsed().as_secs_f64()))
+}
+
+/// Asks the history service, following cursors; returns (rows, replies).
+async fn ask_all(
+    client: &async_nats::Client,
+    subject: &str,
+    request: &Json,
+) -> Result<(i64, usize), BenchError> {
+    let mut request = request.clone();
+    let (mut rows, mut replies) = (0, 0);
+    loop {
+        let reply = client
+            .request(subject.to_string(), request.to_string().into())
+            .await
+            .map_err(nats_error(format!("ask {subject}")))?;
+        replies += 1;
+        let reply: Json = serde_json::from_slice(&reply.payload)
+            .map_err(nats_error(format!("read the reply of {subject}")))?;
+        let page = reply["rows"].as_array().ok_or_else(|| BenchError::Nats {
+            context: format!("ask {subject}"),
+            message: format!("no rows in the reply: {reply}"),
+        })?;
+        rows += page.len() as i64;
+        match reply["next_cursor"].as_str() {
+            Some(cursor) => request["cursor"] = json!(cursor),
+            None => return Ok((rows, replies)),
+        }
+    }
+}
+
+/// The baseline: the day's rows read with a plain parameterless query.
+async fn select_day(db: &Database, table: &str) -> Result<i64, BenchError> {
+    let order = if table == "tick_data" {
+        "\"timestamp\", seq"
+    } else {
+        "\"timestamp\""
+    };
+    let rows = sqlx::query(&format!(
+        "SELECT * FROM {table} WHERE symbol = 'FPT' AND \"timestamp\" >= TIMESTAMPTZ '{HISTORY_DAY} 00:00:00+07' \
+         AND \"timestamp\" < TIMESTAMPTZ '{HISTORY_DAY} 00:00:00+07' + INTERVAL '1 day' ORDER BY {order}"
+    ))
+    .fetch_all(&db.pool)
+    .await
+    .map_err(db_error(format!("read {table}")))?;
+    Ok(rows.len() as i64)
 }
 
 /// Publishes every message through JetStream, a window of acks at a time,

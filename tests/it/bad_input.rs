@@ -116,6 +116,19 @@ async fn malformed_payloads_go_to_the_dead_letter_subject_and_valid_records_land
             bad_candle.to_string().into_bytes(),
             "invalid_value",
         ),
+        // Integers outside i64 are refused, never wrapped or rounded.
+        (
+            "tick",
+            with("volume", json!(9_223_372_036_854_775_808u64)).into_bytes(),
+            "invalid_value",
+        ),
+        (
+            "tick",
+            with("seq", json!(0))
+                .replace("\"seq\":0", "\"seq\":1e19")
+                .into_bytes(),
+            "invalid_value",
+        ),
         (
             "tick",
             json!([valid(10), {"symbol": "FPT", "timestamp": T0, "price": 1, "volume": 1,
@@ -211,14 +224,10 @@ async fn malformed_payloads_go_to_the_dead_letter_subject_and_valid_records_land
     assert_eq!(app.ready_status().await, 200, "the worker is still ready");
 }
 
-#[tokio::test]
-async fn a_row_postgresql_refuses_is_dead_lettered_alone_and_its_batch_still_lands() {
-    let app = crate::helpers::spawn_app(|c| c.ingest.flush_interval_ms = 300).await;
-    // A rule only the database knows: the row passes validation, PostgreSQL refuses it.
-    sqlx::query("ALTER TABLE tick_data ADD CONSTRAINT price_cap CHECK (price < 1000)")
-        .execute(&app.pool)
-        .await
-        .unwrap();
+/// Publishes a batch whose middle record PostgreSQL refuses and checks
+/// that only that record is dead-lettered, as its original text, with
+/// `sqlstate` in its detail, while the rest of the type flows on.
+async fn a_refused_row_is_dead_lettered_alone(app: &crate::helpers::TestApp, sqlstate: &str) {
     let prefix = app.config.ingest.subject_prefix.clone();
     let mut dead_letters = app
         .nats
@@ -227,16 +236,23 @@ async fn a_row_postgresql_refuses_is_dead_lettered_alone_and_its_batch_still_lan
         .unwrap();
     app.nats.flush().await.unwrap();
 
-    let batch = json!([
+    // The refused record as the feed wrote it: its own field order, spacing
+    // and an unknown field, which a re-serialised row would not have.
+    let refused = r#"{ "seq": 2, "symbol": "fpt", "note": "x", "timestamp": 1764123300000, "price": 5000.0, "volume": 100, "side": "buy" }"#;
+    let batch = format!(
+        "[{}, {refused}, {}]",
         tick("FPT", T0, 1, 10.0),
-        tick("FPT", T0, 2, 5000.0),
         tick("FPT", T0, 3, 10.0)
-    ]);
-    app.publish(app.subject("tick", "FPT"), batch.to_string())
-        .await;
+    );
+    app.publish(app.subject("tick", "FPT"), batch).await;
     app.publish(
         app.subject("tick", "FPT"),
         tick("FPT", T0, 4, 10.0).to_string(),
+    )
+    .await;
+    app.publish(
+        app.subject("candle", "FPT"),
+        candle("FPT", T0, 10.0).to_string(),
     )
     .await;
 
@@ -249,18 +265,30 @@ async fn a_row_postgresql_refuses_is_dead_lettered_alone_and_its_batch_still_lan
         headers.get("Tickvault-Reject-Reason").unwrap().as_str(),
         "database_rejected"
     );
-    let record: Value = serde_json::from_slice(&message.payload).unwrap();
+    let detail = headers.get("Tickvault-Reject-Detail").unwrap().to_string();
+    assert!(detail.contains(sqlstate), "{detail}");
     assert_eq!(
-        (record["seq"].as_i64(), record["price"].as_f64()),
-        (Some(2), Some(5000.0))
+        std::str::from_utf8(&message.payload).unwrap(),
+        refused,
+        "the record's original text"
     );
 
     app.wait_for_rows("tick_data", 3).await;
+    app.wait_for_rows("candles_1m", 1).await;
     let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM tick_data ORDER BY seq")
         .fetch_all(&app.pool)
         .await
         .unwrap();
     assert_eq!(seqs, vec![1, 3, 4]);
+    wait_for(
+        Duration::from_secs(10),
+        "every message acknowledged",
+        || async {
+            let info = app.consumer_info("tick").await;
+            (info.num_ack_pending == 0 && info.num_pending == 0).then_some(())
+        },
+    )
+    .await;
     let rejected = app
         .metric(
             "tickvault_rejected_total",
@@ -268,4 +296,33 @@ async fn a_row_postgresql_refuses_is_dead_lettered_alone_and_its_batch_still_lan
         )
         .await;
     assert_eq!(rejected, 1.0);
+}
+
+#[tokio::test]
+async fn a_row_a_check_constraint_refuses_is_dead_lettered_alone_and_its_batch_still_lands() {
+    let app = crate::helpers::spawn_app(|c| c.ingest.flush_interval_ms = 300).await;
+    // A rule only the database knows: the row passes validation, PostgreSQL refuses it.
+    sqlx::query("ALTER TABLE tick_data ADD CONSTRAINT price_cap CHECK (price < 1000)")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    a_refused_row_is_dead_lettered_alone(&app, "23514").await;
+}
+
+#[tokio::test]
+async fn a_row_a_trigger_refuses_with_p0001_is_dead_lettered_alone_and_the_type_flows_on() {
+    let app = crate::helpers::spawn_app(|c| c.ingest.flush_interval_ms = 300).await;
+    // A site's validation trigger: RAISE EXCEPTION is SQLSTATE P0001, outside
+    // the data-exception classes, and must not be retried forever.
+    sqlx::raw_sql(
+        "CREATE FUNCTION site_price_rule() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.price >= 1000 THEN RAISE EXCEPTION 'price % is above the site limit', NEW.price; END IF; \
+         RETURN NEW; END $$; \
+         CREATE TRIGGER site_price_rule BEFORE INSERT ON tick_data \
+         FOR EACH ROW EXECUTE FUNCTION site_price_rule();",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    a_refused_row_is_dead_lettered_alone(&app, "P0001").await;
 }

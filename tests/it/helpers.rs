@@ -53,6 +53,29 @@ where
     }
 }
 
+/// `SELECT count(*)` of a table.
+pub async fn count(pool: &PgPool, table: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+        .fetch_one(pool)
+        .await
+}
+
+/// Waits until `table` holds exactly `rows`. A database error (say while a
+/// test restarts the server) is waited out, and named if the wait times out.
+pub async fn wait_for_rows(pool: &PgPool, table: &str, rows: i64, bound: Duration) {
+    let start = Instant::now();
+    loop {
+        let last = count(pool, table).await;
+        if matches!(last, Ok(n) if n == rows) {
+            return;
+        }
+        if start.elapsed() > bound {
+            panic!("timed out after {bound:?} waiting for {rows} rows in {table}; last count: {last:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A database of its own on a PostgreSQL server, dropped with the value.
 pub struct TestDatabase {
     pub name: String,
@@ -300,20 +323,16 @@ impl TestApp {
         consumer.info().await.expect("consumer info").clone()
     }
 
+    /// Rows in `table`; a database error fails the test.
     pub async fn count(&self, table: &str) -> i64 {
-        sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
-            .fetch_one(&self.pool)
+        count(&self.pool, table)
             .await
-            .unwrap_or(-1)
+            .unwrap_or_else(|e| panic!("count {table}: {e}"))
     }
 
+    /// Waits (30 s) until `table` holds exactly `rows`.
     pub async fn wait_for_rows(&self, table: &str, rows: i64) {
-        wait_for(
-            Duration::from_secs(30),
-            &format!("{rows} rows in {table}"),
-            || async { (self.count(table).await == rows).then_some(()) },
-        )
-        .await
+        wait_for_rows(&self.pool, table, rows, Duration::from_secs(30)).await
     }
 
     /// Stops the app as SIGTERM would and returns its result.

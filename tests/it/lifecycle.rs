@@ -87,17 +87,17 @@ async fn starts_degraded_without_nats_and_recovers_by_itself() {
 }
 
 /// The `tickvault` binary as a child process, configured through the environment.
-struct Worker {
+pub struct Worker {
     child: Child,
     http_port: u16,
 }
 
 /// A database, a feed prefix, the worker's environment and the stream cleanup.
-async fn worker_setup() -> (TestDatabase, String, Vec<(String, String)>, StreamCleanup) {
+pub async fn worker_setup() -> (TestDatabase, String, Vec<(String, String)>, StreamCleanup) {
     let db = TestDatabase::create().await;
     let id = crate::helpers::unique();
     let (stream, prefix) = (format!("TV_{id}"), format!("md{id}"));
-    let env = worker_env(&db, &stream, &prefix, free_port());
+    let env = worker_env(&db.url, &stream, &prefix, free_port());
     let cleanup = StreamCleanup {
         nats_url: shared_nats_url(),
         stream,
@@ -105,14 +105,14 @@ async fn worker_setup() -> (TestDatabase, String, Vec<(String, String)>, StreamC
     (db, prefix, env, cleanup)
 }
 
-fn worker_env(
-    db: &TestDatabase,
+pub fn worker_env(
+    database_url: &str,
     stream: &str,
     prefix: &str,
     http_port: u16,
 ) -> Vec<(String, String)> {
     vec![
-        ("DATABASE_URL".into(), db.url.clone()),
+        ("DATABASE_URL".into(), database_url.into()),
         ("NATS_URL".into(), shared_nats_url()),
         ("TICKVAULT_INGEST__STREAM".into(), stream.into()),
         ("TICKVAULT_INGEST__SUBJECT_PREFIX".into(), prefix.into()),
@@ -129,7 +129,7 @@ fn worker_env(
 }
 
 impl Worker {
-    fn spawn(env: &[(String, String)], extra: &[(&str, &str)]) -> Worker {
+    pub fn spawn(env: &[(String, String)], extra: &[(&str, &str)]) -> Worker {
         let http_port = env
             .iter()
             .find(|(k, _)| k == "TICKVAULT_HTTP__ADDR")
@@ -147,7 +147,7 @@ impl Worker {
         Worker { child, http_port }
     }
 
-    async fn get(&self, path: &str) -> Option<(u16, String)> {
+    pub async fn get(&self, path: &str) -> Option<(u16, String)> {
         let response = reqwest::get(format!("http://127.0.0.1:{}{path}", self.http_port))
             .await
             .ok()?;
@@ -161,12 +161,23 @@ impl Worker {
         .await
     }
 
-    async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         let (_, body) = self
             .get("/metrics")
             .await
             .expect("the worker answers /metrics");
         crate::helpers::metric_value(&body, name, labels)
+    }
+
+    /// A line of the worker's `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`).
+    pub fn memory_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the worker's /proc status");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{field}:")))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc status"))
     }
 
     fn signal(&self, signal: Signal) {
@@ -200,10 +211,9 @@ async fn publish(js: &async_nats::jetstream::Context, subject: String, payload: 
 }
 
 async fn count(pool: &sqlx::PgPool, table: &str) -> i64 {
-    sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
-        .fetch_one(pool)
+    crate::helpers::count(pool, table)
         .await
-        .unwrap_or(-1)
+        .unwrap_or_else(|e| panic!("count {table}: {e}"))
 }
 
 #[tokio::test]
@@ -261,7 +271,8 @@ async fn a_killed_worker_restarts_without_loss_duplicates_or_old_versions() {
     let js = async_nats::jetstream::new(nats);
     let pool = db.pool().await;
 
-    // One message: 25 ticks and a new version of the same candle.
+    // One message: 25 ticks and a new version of the same candle; returns
+    // the candle's stream sequence.
     let publish_message = |m: i64| {
         let js = js.clone();
         let prefix = prefix.clone();
@@ -278,7 +289,7 @@ async fn a_killed_worker_restarts_without_loss_duplicates_or_old_versions() {
                 format!("{prefix}.candle.FPT"),
                 candle("FPT", T0, m as f64 + 1.0).to_string(),
             )
-            .await;
+            .await
         }
     };
     let messages: i64 = 200;
@@ -296,35 +307,62 @@ async fn a_killed_worker_restarts_without_loss_duplicates_or_old_versions() {
     worker.signal(Signal::SIGKILL);
     worker.wait_exit(Duration::from_secs(10)).await;
     drop(worker);
+    let committed_before = count(&pool, "tick_data").await;
     // The feed goes on while no worker runs: more ticks, newer candle versions.
+    let mut last_candle_seq = 0;
     for m in half..messages {
-        publish_message(m).await;
+        last_candle_seq = publish_message(m).await;
     }
     let last_version = messages as f64;
     let worker = Worker::spawn(&env, &fast);
     worker.wait_ready().await;
     let total = messages * 25;
-    wait_for(
-        Duration::from_secs(60),
-        "every tick exactly once",
-        || async { (count(&pool, "tick_data").await == total).then_some(()) },
-    )
-    .await;
+    crate::helpers::wait_for_rows(&pool, "tick_data", total, Duration::from_secs(60)).await;
     wait_for(
         Duration::from_secs(30),
-        "the last candle version",
+        "the last candle version, written by its own message",
         || async {
-            let close: Option<f64> = sqlx::query_scalar("SELECT close FROM candles_1m")
-                .fetch_optional(&pool)
-                .await
-                .ok()
-                .flatten();
-            (close == Some(last_version)).then_some(())
+            let stored: Option<(f64, i64)> =
+                sqlx::query_as("SELECT close, stream_seq FROM candles_1m")
+                    .fetch_optional(&pool)
+                    .await
+                    .expect("read the candle");
+            (stored == Some((last_version, last_candle_seq as i64))).then_some(())
         },
     )
     .await;
-    assert_eq!(count(&pool, "candles_1m").await, 1);
+    // What the restarted worker did: it wrote at least every tick the killed
+    // one had not committed, and no message twice (at most every row once).
+    let written = worker
+        .metric("tickvault_rows_written_total", &[("type", "tick")])
+        .await as i64;
+    assert!(
+        (total - committed_before..=total).contains(&written),
+        "restarted worker wrote {written} tick rows; {committed_before} of {total} were committed before the kill"
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "every message acknowledged",
+        || async {
+            let stream = js
+                .get_stream(env_value(&env, "TICKVAULT_INGEST__STREAM"))
+                .await
+                .ok()?;
+            for consumer in ["tickvault-tick", "tickvault-candle"] {
+                let info = stream.consumer_info(consumer).await.ok()?;
+                if info.num_ack_pending > 0 || info.num_pending > 0 {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
     drop(worker);
+}
+
+fn env_value<'a>(env: &'a [(String, String)], key: &str) -> &'a str {
+    &env.iter().find(|(k, _)| k == key).expect("set").1
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@ mod helpers;
 
 mod bad_input;
 mod config_cli;
+mod delivery;
 mod dlq;
 mod history;
 mod ingest;
