@@ -17,7 +17,7 @@ use super::query::{self, RowKey};
 use super::request::{self, Query};
 use super::HistoryError;
 use crate::config::HistoryConfig;
-use crate::db::Database;
+use crate::db::{Database, DbRole};
 use crate::ops::health::Status;
 use crate::ops::metrics::Metrics;
 use crate::records::RecordType;
@@ -39,8 +39,10 @@ const DRAIN_BOUND: Duration = Duration::from_secs(5);
 /// Shared by every request task.
 struct Context {
     client: async_nats::Client,
+    /// The database history reads: the ingest database's pool, or its own.
     db: Database,
     metrics: Arc<Metrics>,
+    status: Arc<Status>,
 }
 
 pub async fn serve(
@@ -77,13 +79,14 @@ pub async fn serve(
         client,
         db,
         metrics,
+        status: status.clone(),
     });
     let mut requests = stream::select_all(
         endpoints
             .into_iter()
             .map(|(record_type, endpoint)| endpoint.map(move |request| (record_type, request))),
     );
-    let permits = Arc::new(Semaphore::new(max_in_flight(context.db.pool_max())));
+    let permits = Arc::new(Semaphore::new(max_in_flight(&context.db)));
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
@@ -120,11 +123,17 @@ pub async fn serve(
     tracing::info!("history service stopped");
 }
 
-/// Requests answered at the same time (more wait in the subscription): half
-/// the database pool, so history never takes every connection the ingest
-/// flushes need.
-pub fn max_in_flight(pool_max: u32) -> usize {
-    (pool_max as usize / 2).max(1)
+/// Requests answered at the same time (more wait in the subscription): on
+/// the ingest database's pool half of it, so history never takes every
+/// connection the ingest flushes need; on its own pool all but the one its
+/// health check needs.
+pub fn max_in_flight(db: &Database) -> usize {
+    let pool_max = db.pool_max() as usize;
+    let share = match db.role() {
+        DbRole::Primary => pool_max / 2,
+        DbRole::History => pool_max.saturating_sub(1),
+    };
+    share.max(1)
 }
 
 type Started = (
@@ -169,6 +178,7 @@ async fn handle(context: &Context, record_type: RecordType, request: async_nats:
         n => n,
     };
     let result = match request::parse(record_type, &request.message.payload) {
+        Ok(_) if context.status.history_db_down() => Err(HistoryError::DatabaseDown),
         Ok(query) => answer(&context.db, &query, max_payload).await,
         Err(e) => Err(e),
     };
@@ -290,12 +300,23 @@ async fn write_reply(
 #[cfg(test)]
 mod tests {
     use super::max_in_flight;
+    use crate::config::DatabaseConfig;
+    use crate::db::{Database, DbRole};
 
-    #[test]
-    fn history_takes_at_most_half_the_pool() {
-        assert_eq!(max_in_flight(10), 5);
-        assert_eq!(max_in_flight(5), 2);
-        assert_eq!(max_in_flight(1), 1);
-        assert_eq!(max_in_flight(0), 1);
+    fn pool(role: DbRole, pool_max: u32) -> Database {
+        let config = DatabaseConfig {
+            pool_max,
+            ..DatabaseConfig::default()
+        };
+        Database::connect_lazy_as(role, &config).unwrap()
+    }
+
+    #[tokio::test]
+    async fn history_takes_half_the_ingest_pool_and_all_but_one_of_its_own() {
+        assert_eq!(max_in_flight(&pool(DbRole::Primary, 10)), 5);
+        assert_eq!(max_in_flight(&pool(DbRole::Primary, 5)), 2);
+        assert_eq!(max_in_flight(&pool(DbRole::Primary, 1)), 1);
+        assert_eq!(max_in_flight(&pool(DbRole::History, 6)), 5);
+        assert_eq!(max_in_flight(&pool(DbRole::History, 2)), 1);
     }
 }
