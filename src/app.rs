@@ -176,6 +176,11 @@ impl App {
             status: self.status.clone(),
         };
         let mut ingest = tokio::spawn(ingest.run(stop_intake.clone(), give_up.clone()));
+        let summary = tokio::spawn(crate::ops::summary::run(
+            self.metrics.clone(),
+            Duration::from_secs(self.config.log.summary_interval_secs),
+            stop_rest.clone(),
+        ));
 
         let ingest_result = tokio::select! {
             _ = shutdown => None,
@@ -214,6 +219,7 @@ impl App {
         let _ = history.await;
         stop_rest.cancel();
         supervisors.join_all().await;
+        let _ = summary.await;
         let http_result = http_server.await;
         let pools = self
             .history_db

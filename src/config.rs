@@ -314,12 +314,16 @@ pub enum LogFormat {
 pub struct LogConfig {
     /// `pretty` (default) or `json`. The filter comes from `RUST_LOG`.
     pub format: LogFormat,
+    /// Seconds between the worker's summary lines at info (rows/s per type,
+    /// consumer pending, dead letters); 0 turns them off.
+    pub summary_interval_secs: u64,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
             format: LogFormat::Pretty,
+            summary_interval_secs: 60,
         }
     }
 }
@@ -460,6 +464,12 @@ impl Config {
                     format!("{value} is more than the maximum {max}"),
                 ));
             }
+        }
+        if self.log.summary_interval_secs > 86_400 {
+            return Err(invalid(
+                "log.summary_interval_secs",
+                "must be at most 86400 (a day); 0 turns the summary off",
+            ));
         }
         if ingest.max_batch_rows < ingest.batch_size {
             return Err(invalid(

@@ -6,13 +6,14 @@
 //! - [`records`]: the five record types as data (fields, rules, key, conflict rule).
 //! - [`ingest`]: source (NATS) → decode → batcher → COPY sink, one pipeline per type.
 //! - [`history`]: the `tickvault-history` NATS micro service.
-//! - [`ops`]: `/health`, `/ready`, `/metrics`, logging, shutdown.
+//! - [`ops`]: `/health`, `/ready`, `/metrics`, logging, the periodic summary, shutdown.
 //! - [`db`]: the pool, health check and migrations.
 //! - [`nats`]: the one way to connect to NATS, for the worker and the tools.
 //! - [`app`]: [`App::build`] wires them; `main` and the tests both use it.
 //!
-//! The command-line tools (feed, bench, history client) live in the binary's
-//! `tools` module and use only this library's public API.
+//! The command-line tools (history, latest and symbols clients, dead-letter
+//! replay, feed, bench) live in the binary's `tools` module and use only this
+//! library's public API; nothing here imports them.
 
 pub mod app;
 pub mod config;

@@ -33,6 +33,12 @@ enum Command {
     Config,
     /// Query stored history through the running service.
     History(tools::history::HistoryArgs),
+    /// The newest row of each symbol of a watch-list (or of every symbol).
+    Latest(tools::latest::LatestArgs),
+    /// Every stored symbol of a kind, with its first and last timestamps.
+    Symbols(tools::latest::SymbolsArgs),
+    /// Inspect and replay dead letters (stats, show, replay).
+    Dlq(tools::dlq::DlqArgs),
     /// Publish a synthetic market feed to NATS.
     Feed(tools::feed::FeedArgs),
     /// Measure ingest throughput against a baseline.
@@ -62,14 +68,37 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command.unwrap_or(Command::Run), config)) {
+    let command = cli.command.unwrap_or(Command::Run);
+    let is_worker = matches!(command, Command::Run);
+    match runtime.block_on(dispatch(command, config)) {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
+            // Once: the worker's log, or a tool's stderr.
+            let text = error_text(&e);
+            if is_worker {
+                tracing::error!("{text}");
+            } else {
+                eprintln!("error: {text}");
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes joined by ": ", leaving out a cause whose text
+/// the message already carries (many messages embed their source).
+fn error_text(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+    }
+    text
 }
 
 async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> {
@@ -89,7 +118,10 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             );
         }
         Command::Config => print!("{}", config.to_redacted_toml()),
-        Command::History(args) => return Ok(tools::history::run(&config, args).await?),
+        Command::History(args) => tools::history::run(&config, args).await?,
+        Command::Latest(args) => tools::latest::run_latest(&config, args).await?,
+        Command::Symbols(args) => tools::latest::run_symbols(&config, args).await?,
+        Command::Dlq(args) => tools::dlq::run(&config, args).await?,
         Command::Feed(args) => tools::feed::run(&config, args).await?,
         Command::Bench(args) => tools::bench::run(&config, args).await?,
         Command::Health { url } => {

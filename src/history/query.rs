@@ -2,6 +2,13 @@
 //! [`RecordSpec`](crate::records::RecordSpec): table, columns and key are
 //! data; the request's values are always bind parameters. Rows are written
 //! straight into the reply as JSON objects in column order.
+//!
+//! `latest` and `symbols` read only the unique key's B-tree, whose columns
+//! start with (identifier, timestamp): one backward probe per identifier for
+//! the newest row, two probes (first, last) for a symbol's coverage, and a
+//! loose index scan (a recursive CTE hopping from one identifier to the next)
+//! when the request names no symbols. Their cost grows with the number of
+//! symbols, never with the number of rows.
 
 use std::fmt::Write as _;
 
@@ -9,7 +16,7 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::{Arguments as _, Row as _};
 
-use super::request::{Order, Query, MARKET_OFFSET_SECS};
+use super::request::{LatestQuery, Order, Query, SymbolsQuery, MARKET_OFFSET_SECS};
 use crate::records::{format_timestamp, FieldType, RecordSpec};
 
 /// How each candle column is aggregated into a wider bar: open first, close
@@ -172,6 +179,95 @@ pub fn build(query: &Query, fetch: i64) -> Result<(String, PgArguments), sqlx::E
     Ok((sql, args))
 }
 
+/// The distinct identifiers of `spec`'s table, as a recursive CTE named
+/// `ids(id)`: each step is one index probe for the next identifier (a loose
+/// index scan), so a billion rows of 500 symbols cost about 500 probes. The
+/// last step yields a NULL `id`, which callers filter out.
+fn distinct_ids(spec: &RecordSpec) -> String {
+    let id = quote(spec.id_field());
+    let table = quote(spec.table);
+    format!(
+        "WITH RECURSIVE ids(id) AS ( \
+         (SELECT {id} FROM {table} ORDER BY {id} LIMIT 1) \
+         UNION ALL \
+         SELECT (SELECT {id} FROM {table} WHERE {id} > ids.id ORDER BY {id} LIMIT 1) \
+         FROM ids WHERE ids.id IS NOT NULL) "
+    )
+}
+
+/// The newest row of one identifier (`ident`, an SQL expression): the
+/// greatest key, read backwards from the key's index.
+fn newest_row(spec: &RecordSpec, ident: &str) -> String {
+    let columns = spec
+        .column_names()
+        .map(quote)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let order_by = spec.key[1..]
+        .iter()
+        .map(|k| format!("{} DESC", quote(k)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "SELECT {columns} FROM {table} WHERE {id} = {ident} ORDER BY {order_by} LIMIT 1",
+        table = quote(spec.table),
+        id = quote(spec.id_field()),
+    )
+}
+
+/// Symbols sort in byte order whatever the database's collation, so every
+/// deployment returns the same order.
+const BYTE_ORDER: &str = "COLLATE \"C\"";
+
+/// `history.latest`: the spec's columns of each identifier's newest row, in
+/// the order requested (with `symbols`) or by identifier (without).
+pub fn build_latest(query: &LatestQuery) -> Result<(String, PgArguments), sqlx::Error> {
+    let spec = query.spec;
+    let columns = spec
+        .column_names()
+        .map(|c| format!("newest.{}", quote(c)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut args = PgArguments::default();
+    let sql = match &query.symbols {
+        Some(symbols) => {
+            args.add(symbols.as_slice()).map_err(sqlx::Error::Encode)?;
+            format!(
+                "SELECT {columns} FROM unnest($1::text[]) WITH ORDINALITY AS wanted(id, position) \
+                 CROSS JOIN LATERAL ({probe}) AS newest ORDER BY wanted.position",
+                probe = newest_row(spec, "wanted.id"),
+            )
+        }
+        None => format!(
+            "{ids}SELECT {columns} FROM ids CROSS JOIN LATERAL ({probe}) AS newest \
+             WHERE ids.id IS NOT NULL ORDER BY ids.id {BYTE_ORDER}",
+            ids = distinct_ids(spec),
+            probe = newest_row(spec, "ids.id"),
+        ),
+    };
+    Ok((sql, args))
+}
+
+/// `history.symbols`: every identifier with the timestamps of its first and
+/// last rows, by identifier. Columns: `id`, `first`, `last`.
+pub fn build_symbols(query: &SymbolsQuery) -> String {
+    let spec = query.spec;
+    let probe = |direction: &str| {
+        format!(
+            "(SELECT \"timestamp\" FROM {table} WHERE {id} = ids.id ORDER BY \"timestamp\" {direction} LIMIT 1)",
+            table = quote(spec.table),
+            id = quote(spec.id_field()),
+        )
+    };
+    format!(
+        "{ids}SELECT ids.id, {first} AS first, {last} AS last FROM ids \
+         WHERE ids.id IS NOT NULL ORDER BY ids.id {BYTE_ORDER}",
+        ids = distinct_ids(spec),
+        first = probe("ASC"),
+        last = probe("DESC"),
+    )
+}
+
 /// Identifiers come from the record specs, never from a request; quoted anyway.
 fn quote(name: &str) -> String {
     format!("\"{name}\"")
@@ -303,6 +399,51 @@ mod tests {
         let (sql, _) = build(&candles, 11).unwrap();
         assert!(sql.contains("date_bin"), "{sql}");
         assert!(sql.contains("+07'"), "{sql}");
+    }
+
+    #[test]
+    fn latest_and_symbols_probe_the_key_and_bind_the_symbols() {
+        for kind in RecordType::ALL {
+            let spec = kind.spec();
+            let watch = request::parse_latest(
+                json!({"kind": spec.history_kind, "symbols": ["FPT", "VNM"]})
+                    .to_string()
+                    .as_bytes(),
+            )
+            .unwrap();
+            let (sql, _) = build_latest(&watch).unwrap();
+            assert!(!sql.contains("FPT"), "{sql}");
+            assert!(sql.contains("unnest($1::text[]) WITH ORDINALITY"), "{sql}");
+            assert!(sql.ends_with("ORDER BY wanted.position"), "{sql}");
+            let newest = if kind == RecordType::Tick {
+                "ORDER BY \"timestamp\" DESC, \"seq\" DESC LIMIT 1"
+            } else {
+                "ORDER BY \"timestamp\" DESC LIMIT 1"
+            };
+            assert!(sql.contains(newest), "{sql}");
+            let every =
+                request::parse_latest(json!({"kind": spec.history_kind}).to_string().as_bytes())
+                    .unwrap();
+            let (sql, _) = build_latest(&every).unwrap();
+            assert!(sql.starts_with("WITH RECURSIVE ids(id)"), "{sql}");
+            assert!(
+                sql.contains(&format!("WHERE \"{}\" > ids.id", spec.id_field())),
+                "{sql}"
+            );
+            let symbols = build_symbols(&SymbolsQuery { spec });
+            assert!(
+                symbols.contains("ORDER BY \"timestamp\" ASC LIMIT 1"),
+                "{symbols}"
+            );
+            assert!(
+                symbols.contains("ORDER BY \"timestamp\" DESC LIMIT 1"),
+                "{symbols}"
+            );
+            assert!(
+                symbols.ends_with("ORDER BY ids.id COLLATE \"C\""),
+                "{symbols}"
+            );
+        }
     }
 
     #[test]

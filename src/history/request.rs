@@ -1,5 +1,6 @@
 //! A history request: the JSON body parsed and checked into a typed
-//! [`Query`]. Every refusal is a [`HistoryError::BadRequest`] naming the field.
+//! [`Query`] (a range), [`LatestQuery`] or [`SymbolsQuery`]. Every refusal is
+//! a [`HistoryError::BadRequest`] naming the field.
 
 use chrono::{DateTime, Days, FixedOffset, NaiveDate, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
@@ -13,6 +14,8 @@ use crate::records::{is_symbol, RecordSpec, RecordType};
 pub const DEFAULT_LIMIT: u32 = 1000;
 /// The largest `limit` accepted; above it is an error, not a clamp.
 pub const MAX_LIMIT: u32 = 50_000;
+/// Most symbols one `history.latest` request may name.
+pub const MAX_SYMBOLS: usize = 500;
 /// The market time zone, Asia/Ho_Chi_Minh: UTC+7 all year (no DST).
 pub const MARKET_OFFSET_SECS: i32 = 7 * 3600;
 
@@ -231,6 +234,100 @@ pub fn parse(record_type: RecordType, body: &[u8]) -> Result<Query, HistoryError
     })
 }
 
+/// A checked `history.latest` request.
+#[derive(Debug, Clone)]
+pub struct LatestQuery {
+    pub spec: &'static RecordSpec,
+    /// The requested identifiers, normalised, each once, in request order;
+    /// `None`: every identifier of the kind.
+    pub symbols: Option<Vec<String>>,
+}
+
+/// A checked `history.symbols` request.
+#[derive(Debug, Clone)]
+pub struct SymbolsQuery {
+    pub spec: &'static RecordSpec,
+}
+
+/// The record type a `latest` or `symbols` body asks for, when it names a
+/// valid `kind` (used to label the metrics of refused requests too).
+pub fn requested_kind(body: &[u8]) -> Option<RecordType> {
+    let json: Json = serde_json::from_slice(body).ok()?;
+    let kind = json.get("kind")?.as_str()?;
+    kind_named(kind)
+}
+
+fn kind_named(kind: &str) -> Option<RecordType> {
+    let kind = kind.trim().to_ascii_lowercase();
+    RecordType::ALL
+        .into_iter()
+        .find(|t| t.spec().history_kind == kind)
+}
+
+/// The body as an object and its `kind`.
+fn object_and_kind(body: &[u8]) -> Result<(Map<String, Json>, RecordType), HistoryError> {
+    let json: Json = serde_json::from_slice(body).map_err(|_| {
+        bad("the request body must be a JSON object, e.g. {\"kind\": \"candles\", \"symbols\": [\"FPT\", \"VNM\"]}")
+    })?;
+    let Json::Object(object) = json else {
+        return Err(bad("the request body must be a JSON object"));
+    };
+    let kind = required_str(&object, "kind")?;
+    let record_type = kind_named(kind).ok_or_else(|| {
+        bad("field `kind` must be one of ticks, candles, foreign, index, derivatives")
+    })?;
+    Ok((object, record_type))
+}
+
+/// Parses a `history.latest` body: `kind`, and `symbols` (optional, at most
+/// [`MAX_SYMBOLS`]; a repeated symbol counts once, at its first place).
+pub fn parse_latest(body: &[u8]) -> Result<LatestQuery, HistoryError> {
+    let (object, record_type) = object_and_kind(body)?;
+    let symbols = match present(&object, "symbols") {
+        None => None,
+        Some(value) => {
+            let items = value.as_array().ok_or_else(|| {
+                bad("field `symbols` must be an array of strings, e.g. [\"FPT\", \"VNM\"]")
+            })?;
+            if items.len() > MAX_SYMBOLS {
+                return Err(bad(format!(
+                    "field `symbols` names {} symbols; at most {MAX_SYMBOLS} per request",
+                    items.len()
+                )));
+            }
+            let mut symbols: Vec<String> = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                let symbol = item
+                    .as_str()
+                    .map(|s| s.trim().to_ascii_uppercase())
+                    .filter(|s| is_symbol(s))
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "field `symbols` item {} must be a string of 1 to 32 characters A-Z, 0-9, `_` or `-`, starting with a letter or digit",
+                            i + 1
+                        ))
+                    })?;
+                if !symbols.contains(&symbol) {
+                    symbols.push(symbol);
+                }
+            }
+            Some(symbols)
+        }
+    };
+    Ok(LatestQuery {
+        spec: record_type.spec(),
+        symbols,
+    })
+}
+
+/// Parses a `history.symbols` body: `kind`.
+pub fn parse_symbols(body: &[u8]) -> Result<SymbolsQuery, HistoryError> {
+    let (_, record_type) = object_and_kind(body)?;
+    Ok(SymbolsQuery {
+        spec: record_type.spec(),
+    })
+}
+
 /// A field that is present and not null.
 fn present<'a>(object: &'a Map<String, Json>, field: &str) -> Option<&'a Json> {
     object.get(field).filter(|v| !v.is_null())
@@ -332,7 +429,7 @@ mod tests {
         parse(kind, body.to_string().as_bytes())
     }
 
-    fn message(result: Result<Query, HistoryError>) -> String {
+    fn message<T: std::fmt::Debug>(result: Result<T, HistoryError>) -> String {
         match result {
             Err(HistoryError::BadRequest(m)) => m,
             other => panic!("expected a bad request, got {other:?}"),
@@ -460,6 +557,83 @@ mod tests {
             let m = message(parse(RecordType::Tick, body));
             assert!(m.contains("JSON object"), "{m}");
         }
+    }
+
+    #[test]
+    fn latest_takes_a_kind_and_an_optional_watch_list() {
+        let q = parse_latest(
+            br#"{"kind": " Candles ", "symbols": [" fpt", "VNM", "FPT", "vn30f2412"]}"#,
+        )
+        .unwrap();
+        assert_eq!(q.spec.record_type, RecordType::Candle);
+        assert_eq!(
+            q.symbols.unwrap(),
+            vec!["FPT".to_string(), "VNM".into(), "VN30F2412".into()]
+        );
+        for body in [
+            &br#"{"kind": "ticks"}"#[..],
+            br#"{"kind": "ticks", "symbols": null}"#,
+        ] {
+            assert!(parse_latest(body).unwrap().symbols.is_none());
+        }
+        assert_eq!(
+            parse_latest(br#"{"kind": "index", "symbols": []}"#)
+                .unwrap()
+                .symbols,
+            Some(vec![])
+        );
+        let full: Vec<String> = (0..MAX_SYMBOLS).map(|i| format!("S{i}")).collect();
+        let body = json!({"kind": "derivatives", "symbols": full}).to_string();
+        assert_eq!(
+            parse_latest(body.as_bytes())
+                .unwrap()
+                .symbols
+                .unwrap()
+                .len(),
+            MAX_SYMBOLS
+        );
+        assert_eq!(
+            parse_symbols(br#"{"kind": "foreign"}"#)
+                .unwrap()
+                .spec
+                .record_type,
+            RecordType::Foreign
+        );
+        assert_eq!(
+            requested_kind(br#"{"kind": "ticks", "symbols": 5}"#),
+            Some(RecordType::Tick)
+        );
+        assert_eq!(requested_kind(br#"{"kind": "tick"}"#), None);
+    }
+
+    #[test]
+    fn latest_and_symbols_name_the_bad_field() {
+        let too_many: Vec<String> = (0..=MAX_SYMBOLS).map(|i| format!("S{i}")).collect();
+        let cases: Vec<(Json, &str)> = vec![
+            (json!({"symbols": ["FPT"]}), "`kind`"),
+            (json!({"kind": "tick"}), "`kind`"),
+            (json!({"kind": 5}), "`kind`"),
+            (json!({"kind": "ticks", "symbols": "FPT"}), "`symbols`"),
+            (
+                json!({"kind": "ticks", "symbols": ["FPT", 7]}),
+                "`symbols` item 2",
+            ),
+            (
+                json!({"kind": "ticks", "symbols": ["FPT.X"]}),
+                "`symbols` item 1",
+            ),
+            (json!({"kind": "ticks", "symbols": too_many}), "at most 500"),
+        ];
+        for (body, named) in cases {
+            let m = message(parse_latest(body.to_string().as_bytes()));
+            assert!(m.contains(named), "{body}: {m}");
+            assert!(m.len() < 300, "{m}");
+        }
+        for body in [&b"[]"[..], b"nope", b""] {
+            assert!(parse_latest(body).is_err());
+            assert!(parse_symbols(body).is_err());
+        }
+        assert!(message(parse_symbols(br#"{"kind": "bars"}"#)).contains("`kind`"));
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! The `tickvault-history` NATS micro service: one endpoint per record type,
-//! requests answered concurrently (bounded), replies cut to the server's
-//! max payload, errors as a JSON body plus the micro-service error headers.
+//! The `tickvault-history` NATS micro service: one range endpoint per record
+//! type plus `latest` and `symbols`, requests answered concurrently
+//! (bounded), replies cut to (range) or refused beyond (latest, symbols) the
+//! server's max payload, errors as a JSON body plus the micro-service error
+//! headers.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,19 +10,20 @@ use std::time::{Duration, Instant};
 use async_nats::service::{ServiceExt as _, NATS_SERVICE_ERROR, NATS_SERVICE_ERROR_CODE};
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use futures::stream::{self, StreamExt as _, TryStreamExt as _};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::query::{self, RowKey};
-use super::request::{self, Query};
+use super::request::{self, LatestQuery, Query, SymbolsQuery};
 use super::HistoryError;
 use crate::config::HistoryConfig;
 use crate::db::{Database, DbRole};
 use crate::ops::health::Status;
 use crate::ops::metrics::Metrics;
-use crate::records::RecordType;
+use crate::records::{format_timestamp, RecordType};
 use crate::retry::Backoff;
 
 pub const SERVICE_NAME: &str = "tickvault-history";
@@ -35,6 +38,37 @@ const ENVELOPE_MARGIN: usize = 1024;
 const CLIENT_TIMEOUT_MARGIN: Duration = Duration::from_secs(5);
 /// How long shutdown waits for requests being answered.
 const DRAIN_BOUND: Duration = Duration::from_secs(5);
+/// The metrics' `kind` of a `latest` or `symbols` request naming no valid kind.
+const UNKNOWN_KIND: &str = "unknown";
+
+/// What an endpoint answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// `<prefix>.<kind>`: rows of one symbol in a time range.
+    Range(RecordType),
+    /// `<prefix>.latest`: the newest row per symbol.
+    Latest,
+    /// `<prefix>.symbols`: every symbol with its first and last timestamps.
+    Symbols,
+}
+
+impl Route {
+    fn all() -> impl Iterator<Item = Route> {
+        RecordType::ALL
+            .into_iter()
+            .map(Route::Range)
+            .chain([Route::Latest, Route::Symbols])
+    }
+
+    /// The endpoint's name and last subject token.
+    fn name(self) -> &'static str {
+        match self {
+            Route::Range(record_type) => record_type.spec().history_kind,
+            Route::Latest => "latest",
+            Route::Symbols => "symbols",
+        }
+    }
+}
 
 /// Shared by every request task.
 struct Context {
@@ -84,7 +118,7 @@ pub async fn serve(
     let mut requests = stream::select_all(
         endpoints
             .into_iter()
-            .map(|(record_type, endpoint)| endpoint.map(move |request| (record_type, request))),
+            .map(|(route, endpoint)| endpoint.map(move |request| (route, request))),
     );
     let permits = Arc::new(Semaphore::new(max_in_flight(&context.db)));
     let mut tasks = JoinSet::new();
@@ -93,7 +127,7 @@ pub async fn serve(
             _ = shutdown.cancelled() => break,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             next = requests.next() => {
-                let Some((record_type, request)) = next else { break };
+                let Some((route, request)) = next else { break };
                 let permit = tokio::select! {
                     _ = shutdown.cancelled() => break,
                     permit = permits.clone().acquire_owned() => permit,
@@ -101,7 +135,7 @@ pub async fn serve(
                 let Ok(permit) = permit else { break };
                 let context = context.clone();
                 tasks.spawn(async move {
-                    handle(&context, record_type, request).await;
+                    handle(&context, route, request).await;
                     drop(permit);
                 });
             }
@@ -138,7 +172,7 @@ pub fn max_in_flight(db: &Database) -> usize {
 
 type Started = (
     async_nats::service::Service,
-    Vec<(RecordType, async_nats::service::endpoint::Endpoint)>,
+    Vec<(Route, async_nats::service::endpoint::Endpoint)>,
 );
 
 async fn start(
@@ -147,20 +181,22 @@ async fn start(
 ) -> Result<Started, async_nats::Error> {
     let service = client
         .service_builder()
-        .description("tickvault market-data history: ticks, candles, foreign, index, derivatives")
+        .description(
+            "tickvault market-data history: ticks, candles, foreign, index, derivatives, latest, symbols",
+        )
         .queue_group(QUEUE_GROUP)
         .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
         .await?;
-    let mut endpoints = Vec::with_capacity(RecordType::ALL.len());
-    for record_type in RecordType::ALL {
-        let kind = record_type.spec().history_kind;
+    let mut endpoints = Vec::with_capacity(RecordType::ALL.len() + 2);
+    for route in Route::all() {
+        let name = route.name();
         let endpoint = service
             .endpoint_builder()
-            .name(kind)
-            .add(format!("{}.{kind}", config.subject_prefix))
+            .name(name)
+            .add(format!("{}.{name}", config.subject_prefix))
             .await;
         match endpoint {
-            Ok(endpoint) => endpoints.push((record_type, endpoint)),
+            Ok(endpoint) => endpoints.push((route, endpoint)),
             Err(e) => {
                 let _ = service.stop().await;
                 return Err(e);
@@ -170,29 +206,27 @@ async fn start(
     Ok((service, endpoints))
 }
 
-async fn handle(context: &Context, record_type: RecordType, request: async_nats::service::Request) {
+/// Answers one request. Metrics are labelled with the data kind asked for,
+/// whichever endpoint was asked (the contract's `kind` label set).
+async fn handle(context: &Context, route: Route, request: async_nats::service::Request) {
     let started = Instant::now();
-    let kind = record_type.spec().history_kind;
     let max_payload = match context.client.server_info().max_payload {
         0 => FALLBACK_MAX_PAYLOAD,
         n => n,
     };
-    let result = match request::parse(record_type, &request.message.payload) {
-        Ok(_) if context.status.history_db_down() => Err(HistoryError::DatabaseDown),
-        Ok(query) => answer(&context.db, &query, max_payload).await,
-        Err(e) => Err(e),
-    };
+    let (kind, result) = reply_for(context, route, &request.message.payload, max_payload).await;
+    let endpoint = route.name();
     let code = match result {
         Ok(body) => {
             if let Err(e) = request.respond(Ok(body)).await {
-                tracing::warn!(kind, error = %e, "could not send a history reply");
+                tracing::warn!(endpoint, kind, error = %e, "could not send a history reply");
             }
             200
         }
         Err(error) => {
             let code = error.code();
             if code >= 500 {
-                tracing::warn!(kind, code, error = %error, cause = ?std::error::Error::source(&error).map(|s| s.to_string()),
+                tracing::warn!(endpoint, kind, code, error = %error, cause = ?std::error::Error::source(&error).map(|s| s.to_string()),
                     "history request failed");
             }
             let mut headers = HeaderMap::new();
@@ -202,7 +236,7 @@ async fn handle(context: &Context, record_type: RecordType, request: async_nats:
                 .respond_with_headers(Ok(error.reply_body()), headers)
                 .await
             {
-                tracing::warn!(kind, error = %e, "could not send a history error reply");
+                tracing::warn!(endpoint, kind, error = %e, "could not send a history error reply");
             }
             code
         }
@@ -212,20 +246,166 @@ async fn handle(context: &Context, record_type: RecordType, request: async_nats:
         .history_answered(kind, code, started.elapsed());
 }
 
+/// The reply body of a request to `route` and the metrics' `kind` label.
+async fn reply_for(
+    context: &Context,
+    route: Route,
+    body: &[u8],
+    max_payload: usize,
+) -> (&'static str, Result<Bytes, HistoryError>) {
+    let db = &context.db;
+    let label = |record_type: RecordType| record_type.spec().history_kind;
+    match route {
+        Route::Range(record_type) => {
+            let result = match request::parse(record_type, body) {
+                Ok(query) => answer(context, &query, max_payload).await,
+                Err(e) => Err(e),
+            };
+            (label(record_type), result)
+        }
+        Route::Latest => match request::parse_latest(body) {
+            Ok(query) => (
+                label(query.spec.record_type),
+                bounded(context, answer_latest(db, &query, max_payload)).await,
+            ),
+            Err(e) => (
+                request::requested_kind(body).map_or(UNKNOWN_KIND, label),
+                Err(e),
+            ),
+        },
+        Route::Symbols => match request::parse_symbols(body) {
+            Ok(query) => (
+                label(query.spec.record_type),
+                bounded(context, answer_symbols(db, &query, max_payload)).await,
+            ),
+            Err(e) => (
+                request::requested_kind(body).map_or(UNKNOWN_KIND, label),
+                Err(e),
+            ),
+        },
+    }
+}
+
+/// Every database read of a request passes here. While history's own
+/// database is known down, a 503 at once, without waiting for a connection.
+/// Otherwise the client-side last resort for an unresponsive server (the
+/// server itself cancels a query after `database.statement_timeout_ms`): a 503.
+async fn bounded(
+    context: &Context,
+    reply: impl std::future::Future<Output = Result<Bytes, HistoryError>>,
+) -> Result<Bytes, HistoryError> {
+    if context.status.history_db_down() {
+        return Err(HistoryError::DatabaseDown);
+    }
+    let bound = client_timeout(&context.db);
+    match tokio::time::timeout(bound, reply).await {
+        Ok(result) => result,
+        Err(_) => Err(HistoryError::Timeout(bound)),
+    }
+}
+
 /// Runs the query and writes the reply: as many rows as fit in `max_payload`
 /// (and `limit`), and a cursor when more rows match. The query is bounded on
 /// the server by `database.statement_timeout_ms` (answered 503); the
 /// client-side bound is only a last resort for an unresponsive server.
-pub async fn answer(
-    db: &Database,
+async fn answer(
+    context: &Context,
     query: &Query,
     max_payload: usize,
 ) -> Result<Bytes, HistoryError> {
-    let bound = client_timeout(db);
-    match tokio::time::timeout(bound, write_reply(db, query, max_payload)).await {
-        Ok(result) => result,
-        Err(_) => Err(HistoryError::Timeout(bound)),
+    bounded(context, write_reply(&context.db, query, max_payload)).await
+}
+
+/// Room for a `latest` or `symbols` reply: all of it or a 400 naming `symbols`.
+struct WholeReply {
+    out: Vec<u8>,
+    max_payload: usize,
+    items: usize,
+}
+
+impl WholeReply {
+    fn new(opening: &[u8], max_payload: usize) -> WholeReply {
+        let mut out = Vec::with_capacity(max_payload.min(64 * 1024));
+        out.extend_from_slice(opening);
+        WholeReply {
+            out,
+            max_payload,
+            items: 0,
+        }
     }
+
+    /// Appends one JSON item; refuses once the reply cannot fit.
+    fn push(&mut self, item: &[u8]) -> Result<(), HistoryError> {
+        // `]}` closes the reply.
+        if self.out.len() + 1 + item.len() + 2 > self.max_payload {
+            return Err(HistoryError::BadRequest(format!(
+                "the reply for these `symbols` exceeds the NATS server's max payload ({} bytes): ask for fewer symbols",
+                self.max_payload
+            )));
+        }
+        if self.items > 0 {
+            self.out.push(b',');
+        }
+        self.out.extend_from_slice(item);
+        self.items += 1;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Bytes {
+        self.out.extend_from_slice(b"]}");
+        Bytes::from(self.out)
+    }
+}
+
+/// `{"rows": [...]}`: each identifier's newest row.
+async fn answer_latest(
+    db: &Database,
+    query: &LatestQuery,
+    max_payload: usize,
+) -> Result<Bytes, HistoryError> {
+    let mut reply = WholeReply::new(b"{\"rows\":[", max_payload);
+    if query.symbols.as_ref().is_some_and(Vec::is_empty) {
+        return Ok(reply.finish());
+    }
+    let (sql, args) = query::build_latest(query)?;
+    let mut tx = db.begin_read().await?;
+    let mut rows = sqlx::query_with(&sql, args).fetch(&mut *tx);
+    let mut row_json = Vec::with_capacity(256);
+    while let Some(row) = rows.try_next().await? {
+        row_json.clear();
+        query::write_row(query.spec, &row, &mut row_json)?;
+        reply.push(&row_json)?;
+    }
+    Ok(reply.finish())
+}
+
+/// `{"symbols": [{"symbol": .., "first": .., "last": ..}]}`.
+async fn answer_symbols(
+    db: &Database,
+    query: &SymbolsQuery,
+    max_payload: usize,
+) -> Result<Bytes, HistoryError> {
+    use sqlx::Row as _;
+    let mut reply = WholeReply::new(b"{\"symbols\":[", max_payload);
+    let sql = query::build_symbols(query);
+    let mut tx = db.begin_read().await?;
+    let mut rows = sqlx::query(&sql).fetch(&mut *tx);
+    while let Some(row) = rows.try_next().await? {
+        let symbol: String = row.try_get("id")?;
+        let first: Option<DateTime<Utc>> = row.try_get("first")?;
+        let last: Option<DateTime<Utc>> = row.try_get("last")?;
+        // Both are None only when the symbol's rows were deleted meanwhile.
+        let (Some(first), Some(last)) = (first, last) else {
+            continue;
+        };
+        let item = serde_json::json!({
+            "symbol": symbol,
+            "first": format_timestamp(&first),
+            "last": format_timestamp(&last),
+        });
+        reply.push(item.to_string().as_bytes())?;
+    }
+    Ok(reply.finish())
 }
 
 fn client_timeout(db: &Database) -> Duration {

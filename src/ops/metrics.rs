@@ -93,6 +93,16 @@ impl IntakeMetrics {
     }
 }
 
+/// One type's totals as they are now, read by the periodic summary
+/// (`ops/summary.rs`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TypeTotals {
+    pub rows_written: u64,
+    pub consumer_pending: i64,
+    /// Rejected input (dead-lettered), every reason.
+    pub rejected: u64,
+}
+
 pub struct Metrics {
     registry: Registry,
     queue_depth: IntGaugeVec,
@@ -500,6 +510,19 @@ impl Metrics {
         self.history_duration
             .with_label_values(&[kind])
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// A type's totals, for the periodic summary.
+    pub fn type_totals(&self, record_type: RecordType) -> TypeTotals {
+        let name = record_type.name();
+        TypeTotals {
+            rows_written: self.rows_written.with_label_values(&[name]).get(),
+            consumer_pending: self.consumer_pending.with_label_values(&[name]).get(),
+            rejected: RejectReason::ALL
+                .iter()
+                .map(|r| self.rejected.with_label_values(&[name, r.as_str()]).get())
+                .sum(),
+        }
     }
 
     /// For tests and the benchmark: a counter's current value.

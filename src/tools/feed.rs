@@ -5,9 +5,14 @@
 //! start time it always produces the same sequence, which the unit tests
 //! check against [`RecordSpec::parse_record`](tickvault::records::RecordSpec::parse_record).
 //! [`run`] paces them to `--rate` and publishes them, plainly or through
-//! JetStream with acknowledgements.
+//! JetStream with acknowledgements, logging a progress line every
+//! `--progress`. The simulated clock follows the wall clock; with
+//! `--backfill-from` it starts in the past and advances `--step` per message
+//! until it catches up with the wall clock, then follows it.
+//! A plain publish that no JetStream stream captures is not persisted by a
+//! JetStream-mode worker: the feed checks its subjects and warns.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -19,6 +24,8 @@ use tokio::time::Instant;
 
 use tickvault::config::Config;
 use tickvault::records::RecordType;
+
+use super::time::TimeArg;
 
 /// VN30 constituents with a plausible reference price (thousand VND).
 pub const VN30: [(&str, f64); 30] = [
@@ -231,6 +238,38 @@ impl Market {
             indices,
             contracts,
         }
+    }
+
+    /// Moves the simulated clock to `now` unless it is already later (it
+    /// never goes back).
+    pub fn follow(&mut self, now: DateTime<Utc>) {
+        self.clock = self.clock.max(now);
+    }
+
+    pub fn clock(&self) -> DateTime<Utc> {
+        self.clock
+    }
+
+    /// Every subject the market publishes to, with its type.
+    pub fn subjects(&self, prefix: &str) -> Vec<(RecordType, String)> {
+        let stock_types = [RecordType::Tick, RecordType::Candle, RecordType::Foreign];
+        let stocks = self
+            .stocks
+            .iter()
+            .flat_map(|s| stock_types.map(|t| (t, s.symbol.to_string())));
+        let indices = self
+            .indices
+            .iter()
+            .map(|i| (RecordType::Index, i.name.to_string()));
+        let contracts = self
+            .contracts
+            .iter()
+            .map(|c| (RecordType::Deriv, c.name.clone()));
+        stocks
+            .chain(indices)
+            .chain(contracts)
+            .map(|(t, key)| (t, format!("{prefix}.{}.{key}", t.name())))
+            .collect()
     }
 
     /// The next message: mostly ticks, then candles, foreign flow, index
@@ -539,6 +578,17 @@ pub struct FeedArgs {
     /// Seed of the generator (default: random, logged so a run can be repeated).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Back-fill: start the simulated clock at this time (a day, market time
+    /// or RFC 3339) and advance it --step per message until it reaches the
+    /// wall clock, which it then follows. Default: follow the wall clock.
+    #[arg(long, value_name = "TIME")]
+    pub backfill_from: Option<String>,
+    /// Back-fill only: simulated time between two messages (`100ms`, `1s`).
+    #[arg(long, value_parser = parse_duration, default_value = "100ms", requires = "backfill_from")]
+    pub step: Duration,
+    /// Time between progress lines (`10s`, `1m`; `0` turns them off).
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub progress: Duration,
 }
 
 /// `90`, `90s`, `1500ms`, `5m`, `1h`.
@@ -585,6 +635,79 @@ pub enum FeedError {
 /// Most JetStream publishes awaiting their ack at once.
 const ACK_WINDOW: usize = 512;
 
+/// Counts of what the feed did, for the progress lines and the summary.
+#[derive(Debug, Default)]
+struct Progress {
+    sent: u64,
+    records: [u64; RecordType::ALL.len()],
+    acked: u64,
+    failed: u64,
+    last_error: String,
+}
+
+impl Progress {
+    fn records_json(&self) -> Json {
+        let by_type: Map<String, Json> = RecordType::ALL
+            .iter()
+            .zip(self.records)
+            .map(|(t, n)| (t.name().to_string(), json!(n)))
+            .collect();
+        Json::Object(by_type)
+    }
+
+    fn ack<T, E: std::fmt::Display>(&mut self, result: Result<T, E>) {
+        record_ack(
+            result,
+            &mut self.acked,
+            &mut self.failed,
+            &mut self.last_error,
+        );
+    }
+}
+
+/// Which of `subjects` a JetStream stream captures: `None` when JetStream
+/// cannot tell (not enabled, or no answer), else the uncaptured ones.
+async fn uncaptured(
+    js: &jetstream::Context,
+    subjects: &[(RecordType, String)],
+) -> Option<Vec<String>> {
+    use async_nats::jetstream::context::GetStreamByNameErrorKind as Kind;
+    let mut missing = Vec::new();
+    for (_, subject) in subjects {
+        match js.stream_by_subject(subject.clone()).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == Kind::NotFound => missing.push(subject.clone()),
+            Err(_) => return None,
+        }
+    }
+    Some(missing)
+}
+
+/// Logs what changed about the subjects no stream captures.
+fn report_capture(before: &Option<Vec<String>>, now: &Option<Vec<String>>, total: usize) {
+    if before == now {
+        return;
+    }
+    match now {
+        None => tracing::warn!(
+            "cannot ask JetStream which stream captures the feed's subjects; \
+             a JetStream-mode worker persists only what a stream keeps (is JetStream enabled?)"
+        ),
+        Some(missing) if missing.is_empty() => {
+            if before.is_some() {
+                tracing::info!("every feed subject is now captured by a JetStream stream");
+            }
+        }
+        Some(missing) => tracing::warn!(
+            uncaptured = missing.len(),
+            of = total,
+            example = %missing[0],
+            "no JetStream stream captures these plain publishes: a JetStream-mode worker never sees them; \
+             start `tickvault run` (it creates the stream) or publish with --jetstream"
+        ),
+    }
+}
+
 /// Publishes the synthetic feed until `--count`, `--duration` or a signal.
 pub async fn run(config: &Config, args: FeedArgs) -> Result<(), FeedError> {
     if !(args.rate.is_finite() && args.rate > 0.0) {
@@ -599,6 +722,16 @@ pub async fn run(config: &Config, args: FeedArgs) -> Result<(), FeedError> {
             message: format!("{} must be between 1 and {}", args.symbols, VN30.len()),
         });
     }
+    let backfill_from = args
+        .backfill_from
+        .as_deref()
+        .map(|text| TimeArg::parse(text, Utc::now()))
+        .transpose()
+        .map_err(|message| FeedError::InvalidArgument {
+            arg: "backfill-from",
+            message,
+        })?
+        .map(|t| t.start);
     let seed = args.seed.unwrap_or_else(rand::random);
     let prefix = config.ingest.subject_prefix.clone();
     let url = config.nats.url.redacted();
@@ -608,9 +741,14 @@ pub async fn run(config: &Config, args: FeedArgs) -> Result<(), FeedError> {
             .connection_timeout(Duration::from_secs(5))
     })
     .await?;
-    let js = args.jetstream.then(|| jetstream::new(client.clone()));
+    let js = jetstream::new(client.clone());
     let interval = Duration::from_secs_f64(1.0 / args.rate);
-    let mut market = Market::new(seed, args.symbols, Utc::now(), interval);
+    let (start, step) = match backfill_from {
+        Some(from) => (from, args.step),
+        None => (Utc::now(), Duration::ZERO),
+    };
+    let mut market = Market::new(seed, args.symbols, start, step);
+    let mut backfilling = backfill_from.is_some_and(|from| from < Utc::now());
     tracing::info!(
         nats = %url,
         prefix = %prefix,
@@ -620,86 +758,121 @@ pub async fn run(config: &Config, args: FeedArgs) -> Result<(), FeedError> {
         jetstream = args.jetstream,
         count = ?args.count,
         duration = ?args.duration,
+        backfill_from = ?backfill_from,
         "publishing the synthetic feed (Ctrl-C to stop)"
     );
+    let subjects = market.subjects(&prefix);
+    let mut capture = Some(Vec::new());
+    if !args.jetstream {
+        let now = uncaptured(&js, &subjects).await;
+        report_capture(&capture, &now, subjects.len());
+        capture = now;
+    }
 
     let shutdown = tickvault::ops::shutdown::signal();
     tokio::pin!(shutdown);
     let started = Instant::now();
     let deadline = args.duration.map(|d| started + d);
-    let mut sent: u64 = 0;
-    let mut records: HashMap<RecordType, u64> = HashMap::new();
+    let every = (!args.progress.is_zero()).then_some(args.progress);
+    let mut progress_ticks = tokio::time::interval_at(
+        started + args.progress,
+        args.progress.max(Duration::from_millis(1)),
+    );
+    let mut progress = Progress::default();
+    let mut last_report = (started, 0u64);
     let mut pending = VecDeque::new();
-    let mut acked: u64 = 0;
-    let mut failed: u64 = 0;
-    let mut last_error = String::new();
     loop {
-        if args.count.is_some_and(|count| sent >= count) {
+        if args.count.is_some_and(|count| progress.sent >= count) {
             break;
         }
-        let due = started + interval.mul_f64(sent as f64);
+        let due = started + interval.mul_f64(progress.sent as f64);
         if deadline.is_some_and(|d| due >= d) {
             break;
         }
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = progress_ticks.tick(), if every.is_some() => {
+                let (at, sent_then) = last_report;
+                let rate = (progress.sent - sent_then) as f64 / at.elapsed().as_secs_f64().max(1e-9);
+                tracing::info!(
+                    messages = progress.sent,
+                    records = %progress.records_json(),
+                    rate = format!("{rate:.1}"),
+                    acked = args.jetstream.then_some(progress.acked),
+                    clock = %market.clock().to_rfc3339(),
+                    "feed progress"
+                );
+                last_report = (Instant::now(), progress.sent);
+                if !args.jetstream {
+                    let now = uncaptured(&js, &subjects).await;
+                    report_capture(&capture, &now, subjects.len());
+                    capture = now;
+                }
+                continue;
+            }
             _ = tokio::time::sleep_until(due) => {}
+        }
+        if backfilling && market.clock() >= Utc::now() {
+            backfilling = false;
+            tracing::info!("the back-fill caught up with the wall clock; following it from now on");
+        }
+        if !backfilling {
+            market.follow(Utc::now());
         }
         let message = market.next_message();
         let subject = message.subject(&prefix);
         let payload = bytes::Bytes::from(message.payload.to_string());
-        match &js {
-            Some(js) => {
-                let ack =
-                    js.publish(subject.clone(), payload)
-                        .await
-                        .map_err(|e| FeedError::Publish {
-                            subject,
-                            message: e.to_string(),
-                        })?;
-                pending.push_back(ack);
-                while pending.len() >= ACK_WINDOW {
-                    if let Some(ack) = pending.pop_front() {
-                        record_ack(ack.await, &mut acked, &mut failed, &mut last_error);
-                    }
+        if args.jetstream {
+            let ack =
+                js.publish(subject.clone(), payload)
+                    .await
+                    .map_err(|e| FeedError::Publish {
+                        subject,
+                        message: e.to_string(),
+                    })?;
+            pending.push_back(ack);
+            while pending.len() >= ACK_WINDOW {
+                if let Some(ack) = pending.pop_front() {
+                    progress.ack(ack.await);
                 }
             }
-            None => client
+        } else {
+            client
                 .publish(subject.clone(), payload)
                 .await
                 .map_err(|e| FeedError::Publish {
                     subject,
                     message: e.to_string(),
-                })?,
+                })?;
         }
-        sent += 1;
-        *records.entry(message.record_type).or_default() += message.records() as u64;
+        progress.sent += 1;
+        let slot = RecordType::ALL
+            .iter()
+            .position(|t| *t == message.record_type)
+            .expect("every type is in ALL");
+        progress.records[slot] += message.records() as u64;
     }
     for ack in pending {
-        record_ack(ack.await, &mut acked, &mut failed, &mut last_error);
+        progress.ack(ack.await);
     }
     if let Err(e) = client.flush().await {
         tracing::warn!(error = %e, "could not flush the last messages");
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let by_type: Map<String, Json> = RecordType::ALL
-        .iter()
-        .map(|t| (t.name().to_string(), json!(records.get(t).unwrap_or(&0))))
-        .collect();
     tracing::info!(
-        messages = sent,
-        records = %Json::Object(by_type),
+        messages = progress.sent,
+        records = %progress.records_json(),
         elapsed_s = format!("{elapsed:.1}"),
-        rate = format!("{:.1}", sent as f64 / elapsed.max(1e-9)),
-        acked = args.jetstream.then_some(acked),
+        rate = format!("{:.1}", progress.sent as f64 / elapsed.max(1e-9)),
+        acked = args.jetstream.then_some(progress.acked),
         seed,
         "feed finished"
     );
-    if failed > 0 {
+    if progress.failed > 0 {
         return Err(FeedError::Unacknowledged {
-            failed,
-            sent,
-            last: last_error,
+            failed: progress.failed,
+            sent: progress.sent,
+            last: progress.last_error,
             prefix,
         });
     }
@@ -724,6 +897,7 @@ fn record_ack<T, E: std::fmt::Display>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
     use tickvault::records::Value;
 
     fn start() -> DateTime<Utc> {
@@ -897,6 +1071,45 @@ mod tests {
                 assert!(message.key.starts_with("VN30F24") || message.key == "VN30F2501");
             }
         }
+    }
+
+    #[test]
+    fn every_message_goes_to_a_listed_subject() {
+        let mut market = market(11);
+        let subjects: Vec<String> = market.subjects("md").into_iter().map(|(_, s)| s).collect();
+        assert_eq!(subjects.len(), 10 * 3 + 3 + 2);
+        for _ in 0..3_000 {
+            let subject = market.next_message().subject("md");
+            assert!(subjects.contains(&subject), "{subject}");
+        }
+    }
+
+    #[test]
+    fn the_clock_follows_the_wall_clock_and_never_goes_back() {
+        let mut live = Market::new(1, 3, start(), Duration::ZERO);
+        let later = start() + chrono::Duration::hours(2);
+        live.follow(later);
+        assert_eq!(live.clock(), later);
+        live.follow(start());
+        assert_eq!(live.clock(), later, "never back");
+        let message = live.next_message();
+        let record = records(&message).remove(0);
+        let spec = message.record_type.spec();
+        let Value::Timestamp(ts) = spec.parse_record(&record).unwrap()[1] else {
+            panic!("timestamp")
+        };
+        // A candle is stamped with its minute's start; others with the clock.
+        assert!(
+            (later - ts) < chrono::Duration::minutes(1),
+            "{ts} vs {later}"
+        );
+        // Back-fill: the clock advances by the step alone.
+        let mut backfill = Market::new(1, 3, start(), Duration::from_secs(1));
+        for _ in 0..100 {
+            backfill.next_message();
+        }
+        assert!(backfill.clock() >= start() + chrono::Duration::seconds(100));
+        assert!(backfill.clock() < start() + chrono::Duration::seconds(102));
     }
 
     #[test]

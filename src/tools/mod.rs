@@ -2,10 +2,20 @@
 //! pieces (configuration, records, the NATS connection, the application
 //! itself for the benchmark); nothing in the service imports them.
 //!
-//! - [`history`]: `tickvault history`, a client of the history service.
+//! - [`history`]: `tickvault history`, rows of one symbol in a range, streamed.
+//! - [`latest`]: `tickvault latest` and `tickvault symbols`.
+//! - [`client`]: the history-service client those three share.
+//! - [`render`]: printing rows as they arrive (table, JSON lines, CSV).
+//! - [`time`]: times as typed (`today`, market time) and as printed (`--tz`).
+//! - [`dlq`]: `tickvault dlq stats|show|replay`, the dead letters.
 //! - [`feed`]: `tickvault feed`, the synthetic upstream feed.
 //! - [`bench`]: `tickvault bench`, ingest throughput against a COPY baseline.
 
 pub mod bench;
+pub mod client;
+pub mod dlq;
 pub mod feed;
 pub mod history;
+pub mod latest;
+pub mod render;
+pub mod time;
