@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::db::{self, Database, DbError};
+use crate::db::{self, Database, DbError, DbRole};
 use crate::history;
 use crate::ingest::{Ingest, IngestError};
 use crate::nats::NatsError;
@@ -57,6 +58,8 @@ pub struct App {
     listener: TcpListener,
     http_addr: SocketAddr,
     db: Database,
+    /// History's own database (`history.database_url`), when set.
+    history_db: Option<Database>,
     nats: async_nats::Client,
     metrics: Arc<Metrics>,
     status: Arc<Status>,
@@ -77,24 +80,35 @@ impl App {
             source,
         })?;
         let db = Database::connect_lazy(&config.database)?;
+        let history_db = config
+            .history_database()
+            .map(|replica| Database::connect_lazy_as(DbRole::History, &replica))
+            .transpose()?;
         let metrics = Arc::new(Metrics::new());
         let nats = connect_nats(&config, metrics.clone()).await?;
         tracing::info!(
             http = %http_addr,
             database = %config.database.url,
+            history_database = %config.history.database_url.as_ref().unwrap_or(&config.database.url),
             nats = %config.nats.url,
             mode = ?config.ingest.mode,
             "tickvault built"
         );
         Ok(App {
+            status: Arc::new(Status::new(history_db.is_some())),
             config,
             listener,
             http_addr,
             db,
+            history_db,
             nats,
             metrics,
-            status: Arc::new(Status::new()),
         })
+    }
+
+    /// The database history reads: its own, else the ingest database.
+    fn history_database(&self) -> &Database {
+        self.history_db.as_ref().unwrap_or(&self.db)
     }
 
     /// The bound HTTP address (useful with port 0).
@@ -116,13 +130,24 @@ impl App {
         let give_up = CancellationToken::new();
         let stop_rest = CancellationToken::new();
 
-        let supervisor = tokio::spawn(db::supervise(
+        let mut supervisors = JoinSet::new();
+        supervisors.spawn(db::supervise(
             self.db.clone(),
             self.config.database.migrate_on_start,
             self.status.clone(),
             self.metrics.clone(),
             stop_rest.clone(),
         ));
+        if let Some(history_db) = &self.history_db {
+            supervisors.spawn(db::supervise(
+                history_db.clone(),
+                false,
+                self.status.clone(),
+                self.metrics.clone(),
+                stop_rest.clone(),
+            ));
+        }
+        let history_db = self.history_database().clone();
         let ops = OpsState {
             status: self.status.clone(),
             metrics: self.metrics.clone(),
@@ -137,7 +162,7 @@ impl App {
         });
         let history = tokio::spawn(history::serve(
             self.nats.clone(),
-            self.db.clone(),
+            history_db,
             self.config.history.clone(),
             self.metrics.clone(),
             self.status.clone(),
@@ -193,10 +218,15 @@ impl App {
         }
         let _ = history.await;
         stop_rest.cancel();
-        let _ = supervisor.await;
+        supervisors.join_all().await;
         let _ = summary.await;
         let http_result = http_server.await;
-        if tokio::time::timeout(POOL_CLOSE_BOUND, self.db.pool.close())
+        let pools = self
+            .history_db
+            .iter()
+            .chain([&self.db])
+            .map(|db| db.pool.close());
+        if tokio::time::timeout(POOL_CLOSE_BOUND, futures::future::join_all(pools))
             .await
             .is_err()
         {

@@ -225,6 +225,9 @@ pub struct IngestConfig {
     pub stream_max_age_secs: u64,
     /// Largest size of the stream in bytes (-1 = no limit). Used only when tickvault creates the stream.
     pub stream_max_bytes: i64,
+    /// Copies a JetStream cluster keeps of the feed and dead-letter streams
+    /// (1-5; 3 on a 3-node cluster). Used only when tickvault creates them.
+    pub stream_replicas: usize,
 }
 
 impl Default for IngestConfig {
@@ -243,6 +246,7 @@ impl Default for IngestConfig {
             fetch_batch: 500,
             stream_max_age_secs: 7 * 24 * 3600,
             stream_max_bytes: -1,
+            stream_replicas: 1,
         }
     }
 }
@@ -262,12 +266,23 @@ impl IngestConfig {
 pub struct HistoryConfig {
     /// First subject token of the history endpoints (`history.ticks`).
     pub subject_prefix: String,
+    /// The database history reads, typically a streaming read replica.
+    /// Unset: the ingest database (`database.url`), through its pool. Its
+    /// password never reaches logs; see [`Config::history_database`] for the
+    /// `database.*` settings that apply to it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<SecretUrl>,
+    /// Connections of the pool to `history.database_url`: one is kept for
+    /// its health check, the others answer requests, one each.
+    pub pool_max: u32,
 }
 
 impl Default for HistoryConfig {
     fn default() -> Self {
         Self {
             subject_prefix: "history".into(),
+            database_url: None,
+            pool_max: 6,
         }
     }
 }
@@ -356,13 +371,7 @@ impl Config {
     /// Checks what types alone cannot; each error names its key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let db = &self.database;
-        let url = db.url.parse().map_err(|e| invalid("database.url", e))?;
-        if !matches!(url.scheme(), "postgres" | "postgresql") {
-            return Err(invalid(
-                "database.url",
-                "must start with postgres:// or postgresql://",
-            ));
-        }
+        let url = postgres_url("database.url", &db.url)?;
         if db.pool_max == 0 {
             return Err(invalid("database.pool_max", "must be at least 1"));
         }
@@ -384,7 +393,18 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        validate_database_tls(db, &url)?;
+        validate_database_tls(db)?;
+        validate_url_parameters("database.url", db, &url)?;
+        if let Some(history_url) = &self.history.database_url {
+            let url = postgres_url("history.database_url", history_url)?;
+            validate_url_parameters("history.database_url", db, &url)?;
+        }
+        if self.history.pool_max < 2 {
+            return Err(invalid(
+                "history.pool_max",
+                "must be at least 2: one connection for the health check, the others for requests",
+            ));
+        }
         validate_nats(&self.nats)?;
         let ingest = &self.ingest;
         for (key, value) in [
@@ -416,6 +436,15 @@ impl Config {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
             }
+        }
+        if !(1..=5).contains(&ingest.stream_replicas) {
+            return Err(invalid(
+                "ingest.stream_replicas",
+                format!(
+                    "{} is not 1 to 5 (JetStream keeps at most 5 replicas; a cluster needs at least as many servers)",
+                    ingest.stream_replicas
+                ),
+            ));
         }
         // Upper bounds keep sizes within what the queue and NATS can count.
         let bounded = [
@@ -455,6 +484,23 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The connection settings of `history.database_url`, when set: that
+    /// URL, a pool of `history.pool_max` opened on demand, and every other
+    /// `database.*` setting as the ingest database has it (TLS, password
+    /// file, timeouts), since a streaming replica has the primary's roles
+    /// and usually its CA. Migrations and TimescaleDB policies are the
+    /// primary's business: the replica receives them through replication.
+    pub fn history_database(&self) -> Option<DatabaseConfig> {
+        let url = self.history.database_url.clone()?;
+        Some(DatabaseConfig {
+            url,
+            pool_min: 0,
+            pool_max: self.history.pool_max,
+            migrate_on_start: false,
+            ..self.database.clone()
+        })
     }
 
     /// The effective configuration as TOML, with every secret shown as `***`.
@@ -499,7 +545,20 @@ fn secret_file(key: &'static str, path: &Path) -> Result<Secret, ConfigError> {
     Secret::read_file(path).map_err(|e| invalid(key, e.to_string()))
 }
 
-fn validate_database_tls(db: &DatabaseConfig, url: &url::Url) -> Result<(), ConfigError> {
+/// A PostgreSQL URL, as the client will read it.
+fn postgres_url(key: &'static str, url: &SecretUrl) -> Result<url::Url, ConfigError> {
+    let parsed = url.parse().map_err(|e| invalid(key, e))?;
+    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+        return Err(invalid(key, "must start with postgres:// or postgresql://"));
+    }
+    // What the client itself refuses (a port, `hostaddr`, ...); its
+    // message carries no part of the URL.
+    <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(url.expose())
+        .map_err(|e| invalid(key, format!("cannot be used: {e}")))?;
+    Ok(parsed)
+}
+
+fn validate_database_tls(db: &DatabaseConfig) -> Result<(), ConfigError> {
     if db.sslcert.is_some() != db.sslkey.is_some() {
         let missing = if db.sslcert.is_some() {
             "database.sslkey"
@@ -523,7 +582,16 @@ fn validate_database_tls(db: &DatabaseConfig, url: &url::Url) -> Result<(), Conf
     if let Some(path) = &db.password_file {
         secret_file("database.password_file", path)?;
     }
-    // The same files given as URL parameters (a setting above replaces them).
+    Ok(())
+}
+
+/// The TLS files and `sslmode` given as parameters of the URL of `key` (a
+/// `database.*` setting replaces them).
+fn validate_url_parameters(
+    key: &'static str,
+    db: &DatabaseConfig,
+    url: &url::Url,
+) -> Result<(), ConfigError> {
     for (name, value) in url.query_pairs() {
         let setting = match name.as_ref() {
             "sslrootcert" | "ssl-root-cert" | "ssl-ca" => &db.sslrootcert,
@@ -532,7 +600,7 @@ fn validate_database_tls(db: &DatabaseConfig, url: &url::Url) -> Result<(), Conf
             "sslmode" | "ssl-mode" => {
                 if value.parse::<sqlx::postgres::PgSslMode>().is_err() {
                     return Err(invalid(
-                        "database.url",
+                        key,
                         format!("sslmode={value} is not one of disable, prefer, require, verify-ca, verify-full"),
                     ));
                 }
@@ -541,7 +609,7 @@ fn validate_database_tls(db: &DatabaseConfig, url: &url::Url) -> Result<(), Conf
             _ => continue,
         };
         if setting.is_none() {
-            readable("database.url", Path::new(value.as_ref()))?;
+            readable(key, Path::new(value.as_ref()))?;
         }
     }
     Ok(())
@@ -690,6 +758,54 @@ mod tests {
             assert!(config.database.password_file.is_none());
             assert!(config.nats.user.is_none() && config.nats.creds_file.is_none());
             assert!(!config.nats.tls_required);
+            assert_eq!(config.ingest.stream_replicas, 1);
+            assert!(config.history.database_url.is_none());
+            assert!(
+                config.history_database().is_none(),
+                "history reads the ingest database"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_history_database_shares_the_database_settings_but_the_url_and_pool() {
+        Jail::expect_with(|jail| {
+            jail.create_file("db-password", "s3cret\n")?;
+            jail.create_file("ca.pem", "not checked here")?;
+            jail.set_env("DATABASE_URL", "postgres://app@primary:5432/market");
+            jail.set_env("TICKVAULT_DATABASE__PASSWORD_FILE", "db-password");
+            jail.set_env("TICKVAULT_DATABASE__SSLMODE", "verify-full");
+            jail.set_env("TICKVAULT_DATABASE__SSLROOTCERT", "ca.pem");
+            jail.set_env("TICKVAULT_DATABASE__STATEMENT_TIMEOUT_MS", "750");
+            jail.set_env(
+                "TICKVAULT_HISTORY__DATABASE_URL",
+                "postgres://app:hunter2@replica:5432/market",
+            );
+            jail.set_env("TICKVAULT_HISTORY__POOL_MAX", "3");
+            jail.set_env("TICKVAULT_INGEST__STREAM_REPLICAS", "3");
+            let config = load_in_jail().unwrap();
+            assert_eq!(config.ingest.stream_replicas, 3);
+            let replica = config.history_database().unwrap();
+            assert_eq!(
+                replica.url.expose(),
+                "postgres://app:hunter2@replica:5432/market"
+            );
+            assert_eq!((replica.pool_min, replica.pool_max), (0, 3));
+            assert!(!replica.migrate_on_start);
+            assert_eq!(replica.sslmode, Some(SslMode::VerifyFull));
+            assert_eq!(replica.sslrootcert.as_deref(), Some(Path::new("ca.pem")));
+            assert_eq!(
+                replica.password_file.as_deref(),
+                Some(Path::new("db-password"))
+            );
+            assert_eq!(replica.statement_timeout_ms, 750);
+            let printed = config.to_redacted_toml();
+            assert!(
+                printed.contains("database_url = \"postgres://app:***@replica:5432/market\""),
+                "{printed}"
+            );
+            assert!(!printed.contains("hunter2") && !format!("{config:?}").contains("hunter2"));
             Ok(())
         });
     }
@@ -909,6 +1025,37 @@ mod tests {
                 "ingest.queue_capacity",
             ),
             ("TICKVAULT_INGEST__NO_SUCH_KEY", "1", "no_such_key"),
+            (
+                "TICKVAULT_INGEST__STREAM_REPLICAS",
+                "0",
+                "ingest.stream_replicas",
+            ),
+            (
+                "TICKVAULT_INGEST__STREAM_REPLICAS",
+                "6",
+                "ingest.stream_replicas",
+            ),
+            (
+                "TICKVAULT_HISTORY__DATABASE_URL",
+                "mysql://u@replica/x",
+                "history.database_url",
+            ),
+            (
+                "TICKVAULT_HISTORY__DATABASE_URL",
+                "postgres://u@replica/x?sslrootcert=missing.pem",
+                "history.database_url",
+            ),
+            (
+                "TICKVAULT_HISTORY__DATABASE_URL",
+                "postgres://u@replica/x?hostaddr=not-an-ip",
+                "history.database_url",
+            ),
+            (
+                "DATABASE_URL",
+                "postgres://u@db/x?port=99999",
+                "database.url",
+            ),
+            ("TICKVAULT_HISTORY__POOL_MAX", "1", "history.pool_max"),
         ];
         for (name, value, key) in cases {
             let message = error_with_env(name, value);

@@ -175,11 +175,23 @@ fn failure_of_sqlstate(code: &str) -> Failure {
     }
 }
 
+/// What a [`Database`] is to tickvault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbRole {
+    /// `database.url`: ingest writes it, migrations run there, and history
+    /// reads it unless `history.database_url` is set.
+    Primary,
+    /// `history.database_url`: history's own database, typically a
+    /// streaming read replica; only read, never migrated.
+    History,
+}
+
 #[derive(Clone)]
 pub struct Database {
     pub pool: PgPool,
     options: PgConnectOptions,
     pub(crate) config: DatabaseConfig,
+    role: DbRole,
 }
 
 /// The one place connection options are made: the URL, then the
@@ -232,8 +244,14 @@ fn millis(duration: Duration) -> String {
 }
 
 impl Database {
-    /// Builds the pool without connecting: the first use connects.
+    /// Builds the pool of the ingest database without connecting: the first use connects.
     pub fn connect_lazy(config: &DatabaseConfig) -> Result<Database, DbError> {
+        Self::connect_lazy_as(DbRole::Primary, config)
+    }
+
+    /// Like [`Database::connect_lazy`], for the database of `role`; `config`
+    /// is [`crate::config::Config::history_database`]'s for [`DbRole::History`].
+    pub fn connect_lazy_as(role: DbRole, config: &DatabaseConfig) -> Result<Database, DbError> {
         let options = connect_options(config)?;
         let pool = PgPoolOptions::new()
             .min_connections(config.pool_min)
@@ -245,7 +263,12 @@ impl Database {
             pool,
             options,
             config: config.clone(),
+            role,
         })
+    }
+
+    pub fn role(&self) -> DbRole {
+        self.role
     }
 
     /// `SELECT 1` within 5 s. When the pool only says it timed out, one

@@ -1,11 +1,13 @@
 //! The database supervisor: health checks and migration until shutdown.
+//! One runs per database: the ingest database's, and history's own
+//! (`history.database_url`) when it is set.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::Database;
+use super::{Database, DbRole};
 use crate::ops::health::Status;
 use crate::ops::metrics::{DbFailureKind, Metrics};
 use crate::retry::Backoff;
@@ -13,11 +15,14 @@ use crate::retry::Backoff;
 const HEALTHY_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// Watches the database until shutdown: health checks (every 2 s while up,
-/// with capped exponential backoff while down), and once it is up the
-/// migrations (or, with `migrate` off, the storage check alone) until they
-/// pass: the schema is ready only then. A refused login or TLS failure is
-/// not transient: it is shown on `/health` as `auth_failed` and checked
-/// again only at the longest interval.
+/// with capped exponential backoff while down), and, for the ingest
+/// database, once it is up the migrations (or, with `migrate` off, the
+/// storage check alone) until they pass: the schema is ready only then.
+/// History's own database is only checked: it is a replica of the ingest
+/// database, which brings it its schema, and while it is down history
+/// answers 503 at once, so it is checked again sooner (at most 5 s apart).
+/// A refused login or TLS failure is not transient: it is shown on
+/// `/health` as `auth_failed` and checked again only at the longest interval.
 pub async fn supervise(
     db: Database,
     migrate: bool,
@@ -25,25 +30,33 @@ pub async fn supervise(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(15));
-    let mut schema_ready = false;
-    status.set_schema_ready(false);
+    let role = db.role();
+    let longest = match role {
+        DbRole::Primary => Duration::from_secs(15),
+        DbRole::History => Duration::from_secs(5),
+    };
+    let mut backoff = Backoff::new(Duration::from_millis(250), longest);
+    // Only the ingest database has a schema to prepare.
+    let mut schema_ready = role == DbRole::History;
+    if role == DbRole::Primary {
+        status.set_schema_ready(false);
+    }
     loop {
         let check = db.health_check().await;
         let auth_failed = matches!(&check, Err(e) if e.kind() == DbFailureKind::Authentication);
-        status.set_db_auth_failed(auth_failed);
+        status.set_db_auth_failed(role, auth_failed);
         if auth_failed {
             backoff.jump_to_max();
         }
         let up = match &check {
             Ok(()) => true,
             Err(e) => {
-                metrics.db_checked(Err((e.kind(), e)));
+                metrics.db_checked(role, Err((e.kind(), e)));
                 false
             }
         };
         if up {
-            metrics.db_checked(Ok(()));
+            metrics.db_checked(role, Ok(()));
             if !schema_ready {
                 let result = if migrate {
                     db.migrate().await
@@ -66,7 +79,7 @@ pub async fn supervise(
                 }
             }
         }
-        status.set_db_up(up);
+        status.set_db_up(role, up);
         let pause = if up && schema_ready {
             backoff.reset();
             HEALTHY_CHECK_EVERY

@@ -36,6 +36,10 @@ pub enum HistoryError {
     /// The database cannot be reached now; the same request can succeed later.
     #[error("the database is unavailable; retry in {RETRY_AFTER_S} s")]
     Unavailable(#[source] sqlx::Error),
+    /// History's own database was found down by its health check: answered
+    /// at once, without waiting for a connection.
+    #[error("the database is unavailable; retry in {RETRY_AFTER_S} s")]
+    DatabaseDown,
     #[error("the database did not answer within {0:?}; retry later or ask for a shorter range")]
     Timeout(Duration),
     /// Any other database failure.
@@ -62,7 +66,9 @@ impl HistoryError {
     pub fn code(&self) -> u16 {
         match self {
             HistoryError::BadRequest(_) => 400,
-            HistoryError::Unavailable(_) | HistoryError::Timeout(_) => 503,
+            HistoryError::Unavailable(_)
+            | HistoryError::DatabaseDown
+            | HistoryError::Timeout(_) => 503,
             HistoryError::Database(_) | HistoryError::RowTooLarge => 500,
         }
     }

@@ -20,7 +20,7 @@ use super::query::{self, RowKey};
 use super::request::{self, LatestQuery, Query, SymbolsQuery};
 use super::HistoryError;
 use crate::config::HistoryConfig;
-use crate::db::Database;
+use crate::db::{Database, DbRole};
 use crate::ops::health::Status;
 use crate::ops::metrics::Metrics;
 use crate::records::{format_timestamp, RecordType};
@@ -73,8 +73,10 @@ impl Route {
 /// Shared by every request task.
 struct Context {
     client: async_nats::Client,
+    /// The database history reads: the ingest database's pool, or its own.
     db: Database,
     metrics: Arc<Metrics>,
+    status: Arc<Status>,
 }
 
 pub async fn serve(
@@ -111,13 +113,14 @@ pub async fn serve(
         client,
         db,
         metrics,
+        status: status.clone(),
     });
     let mut requests = stream::select_all(
         endpoints
             .into_iter()
             .map(|(route, endpoint)| endpoint.map(move |request| (route, request))),
     );
-    let permits = Arc::new(Semaphore::new(max_in_flight(context.db.pool_max())));
+    let permits = Arc::new(Semaphore::new(max_in_flight(&context.db)));
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
@@ -154,11 +157,17 @@ pub async fn serve(
     tracing::info!("history service stopped");
 }
 
-/// Requests answered at the same time (more wait in the subscription): half
-/// the database pool, so history never takes every connection the ingest
-/// flushes need.
-pub fn max_in_flight(pool_max: u32) -> usize {
-    (pool_max as usize / 2).max(1)
+/// Requests answered at the same time (more wait in the subscription): on
+/// the ingest database's pool half of it, so history never takes every
+/// connection the ingest flushes need; on its own pool all but the one its
+/// health check needs.
+pub fn max_in_flight(db: &Database) -> usize {
+    let pool_max = db.pool_max() as usize;
+    let share = match db.role() {
+        DbRole::Primary => pool_max / 2,
+        DbRole::History => pool_max.saturating_sub(1),
+    };
+    share.max(1)
 }
 
 type Started = (
@@ -205,7 +214,7 @@ async fn handle(context: &Context, route: Route, request: async_nats::service::R
         0 => FALLBACK_MAX_PAYLOAD,
         n => n,
     };
-    let (kind, result) = reply_for(&context.db, route, &request.message.payload, max_payload).await;
+    let (kind, result) = reply_for(context, route, &request.message.payload, max_payload).await;
     let endpoint = route.name();
     let code = match result {
         Ok(body) => {
@@ -239,16 +248,17 @@ async fn handle(context: &Context, route: Route, request: async_nats::service::R
 
 /// The reply body of a request to `route` and the metrics' `kind` label.
 async fn reply_for(
-    db: &Database,
+    context: &Context,
     route: Route,
     body: &[u8],
     max_payload: usize,
 ) -> (&'static str, Result<Bytes, HistoryError>) {
+    let db = &context.db;
     let label = |record_type: RecordType| record_type.spec().history_kind;
     match route {
         Route::Range(record_type) => {
             let result = match request::parse(record_type, body) {
-                Ok(query) => answer(db, &query, max_payload).await,
+                Ok(query) => answer(context, &query, max_payload).await,
                 Err(e) => Err(e),
             };
             (label(record_type), result)
@@ -256,7 +266,7 @@ async fn reply_for(
         Route::Latest => match request::parse_latest(body) {
             Ok(query) => (
                 label(query.spec.record_type),
-                bounded(db, answer_latest(db, &query, max_payload)).await,
+                bounded(context, answer_latest(db, &query, max_payload)).await,
             ),
             Err(e) => (
                 request::requested_kind(body).map_or(UNKNOWN_KIND, label),
@@ -266,7 +276,7 @@ async fn reply_for(
         Route::Symbols => match request::parse_symbols(body) {
             Ok(query) => (
                 label(query.spec.record_type),
-                bounded(db, answer_symbols(db, &query, max_payload)).await,
+                bounded(context, answer_symbols(db, &query, max_payload)).await,
             ),
             Err(e) => (
                 request::requested_kind(body).map_or(UNKNOWN_KIND, label),
@@ -276,13 +286,18 @@ async fn reply_for(
     }
 }
 
-/// The client-side last resort for an unresponsive server (the server
-/// itself cancels a query after `database.statement_timeout_ms`): a 503.
+/// Every database read of a request passes here. While history's own
+/// database is known down, a 503 at once, without waiting for a connection.
+/// Otherwise the client-side last resort for an unresponsive server (the
+/// server itself cancels a query after `database.statement_timeout_ms`): a 503.
 async fn bounded(
-    db: &Database,
+    context: &Context,
     reply: impl std::future::Future<Output = Result<Bytes, HistoryError>>,
 ) -> Result<Bytes, HistoryError> {
-    let bound = client_timeout(db);
+    if context.status.history_db_down() {
+        return Err(HistoryError::DatabaseDown);
+    }
+    let bound = client_timeout(&context.db);
     match tokio::time::timeout(bound, reply).await {
         Ok(result) => result,
         Err(_) => Err(HistoryError::Timeout(bound)),
@@ -293,12 +308,12 @@ async fn bounded(
 /// (and `limit`), and a cursor when more rows match. The query is bounded on
 /// the server by `database.statement_timeout_ms` (answered 503); the
 /// client-side bound is only a last resort for an unresponsive server.
-pub async fn answer(
-    db: &Database,
+async fn answer(
+    context: &Context,
     query: &Query,
     max_payload: usize,
 ) -> Result<Bytes, HistoryError> {
-    bounded(db, write_reply(db, query, max_payload)).await
+    bounded(context, write_reply(&context.db, query, max_payload)).await
 }
 
 /// Room for a `latest` or `symbols` reply: all of it or a 400 naming `symbols`.
@@ -465,12 +480,23 @@ async fn write_reply(
 #[cfg(test)]
 mod tests {
     use super::max_in_flight;
+    use crate::config::DatabaseConfig;
+    use crate::db::{Database, DbRole};
 
-    #[test]
-    fn history_takes_at_most_half_the_pool() {
-        assert_eq!(max_in_flight(10), 5);
-        assert_eq!(max_in_flight(5), 2);
-        assert_eq!(max_in_flight(1), 1);
-        assert_eq!(max_in_flight(0), 1);
+    fn pool(role: DbRole, pool_max: u32) -> Database {
+        let config = DatabaseConfig {
+            pool_max,
+            ..DatabaseConfig::default()
+        };
+        Database::connect_lazy_as(role, &config).unwrap()
+    }
+
+    #[tokio::test]
+    async fn history_takes_half_the_ingest_pool_and_all_but_one_of_its_own() {
+        assert_eq!(max_in_flight(&pool(DbRole::Primary, 10)), 5);
+        assert_eq!(max_in_flight(&pool(DbRole::Primary, 5)), 2);
+        assert_eq!(max_in_flight(&pool(DbRole::Primary, 1)), 1);
+        assert_eq!(max_in_flight(&pool(DbRole::History, 6)), 5);
+        assert_eq!(max_in_flight(&pool(DbRole::History, 2)), 1);
     }
 }

@@ -302,7 +302,7 @@ mod tests {
             RecordType::Tick,
             5,
             Arc::new(Metrics::new()),
-            Arc::new(Status::new()),
+            Arc::new(Status::new(false)),
         );
         let three = delivery(3);
         let room = sender.try_reserve(&three).expect("room for 3 of 5");

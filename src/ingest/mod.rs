@@ -173,7 +173,10 @@ impl Ingest {
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         loop {
             match source::ensure_streams(js, &self.config).await {
-                Ok(()) => return Ok(true),
+                Ok(()) => {
+                    source::warn_on_other_replicas(js, &self.config).await;
+                    return Ok(true);
+                }
                 Err(e) if e.is_fatal() => return Err(e),
                 Err(e) => {
                     tracing::warn!(error = %e, "JetStream not available yet; retrying");

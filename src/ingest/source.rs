@@ -117,6 +117,7 @@ async fn ensure_stream(
                     storage: StorageType::File,
                     max_age: Duration::from_secs(config.stream_max_age_secs),
                     max_bytes: config.stream_max_bytes,
+                    num_replicas: config.stream_replicas,
                     ..Default::default()
                 })
                 .await;
@@ -156,6 +157,24 @@ async fn ensure_stream(
         });
     }
     Ok(existing)
+}
+
+/// Warns about each of the streams (feed, dead letters) whose replica count
+/// is not `ingest.stream_replicas`: an existing stream is used as it is, so
+/// the operator should know. Called once, after [`ensure_streams`].
+pub async fn warn_on_other_replicas(js: &jetstream::Context, config: &IngestConfig) {
+    for name in [config.stream.clone(), format!("{}_DLQ", config.stream)] {
+        // No dead-letter stream when the feed stream keeps the dead letters.
+        let Ok(stream) = js.get_stream(&name).await else {
+            continue;
+        };
+        let replicas = stream.cached_info().config.num_replicas.max(1);
+        if replicas != config.stream_replicas {
+            tracing::warn!(stream = %name, replicas, setting = config.stream_replicas,
+                "the stream exists with another replica count than ingest.stream_replicas and is used as it is; change it with `nats stream edit {name} --replicas {}` if that is wanted",
+                config.stream_replicas);
+        }
+    }
 }
 
 /// Whether the subject pattern `pattern` matches every subject `subject` does.

@@ -40,17 +40,28 @@ async fn health(State(state): State<OpsState>) -> impl IntoResponse {
     Json(state.status.report(state.nats_connected()))
 }
 
+/// 200 or 503 by [`Status::ready`]; the body also says when history's own
+/// database is down, which does not make the worker unready.
 async fn ready(State(state): State<OpsState>) -> impl IntoResponse {
-    if state.status.ready(state.nats_connected()) {
-        (StatusCode::OK, "ready\n")
+    let (code, verdict) = if state.status.ready(state.nats_connected()) {
+        (StatusCode::OK, "ready")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-    }
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    };
+    let history = if state.status.history_db_down() {
+        "; history database (history.database_url) down: history answers 503"
+    } else {
+        ""
+    };
+    (code, format!("{verdict}{history}\n"))
 }
 
 async fn metrics(State(state): State<OpsState>) -> impl IntoResponse {
     // Gauges that mirror another component's state are read at scrape time.
     state.nats_connected();
+    if !state.status.has_history_database() {
+        state.metrics.history_db_shares_primary();
+    }
     let pool = &state.db.pool;
     state
         .metrics

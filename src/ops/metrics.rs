@@ -12,7 +12,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::db::Failure;
+use crate::db::{DbRole, Failure};
 use crate::records::{RecordType, Reject, RejectReason};
 
 /// At most one log line per `period` for an event that can happen
@@ -97,6 +97,23 @@ impl DbFailureKind {
     }
 }
 
+impl DbFailureKind {
+    pub const ALL: [DbFailureKind; 4] = [
+        DbFailureKind::Timeout,
+        DbFailureKind::ConnectionRefused,
+        DbFailureKind::Authentication,
+        DbFailureKind::Other,
+    ];
+}
+
+/// One database's health series.
+struct DbHealth {
+    up: IntGauge,
+    failures: IntCounterVec,
+    /// How logs name it.
+    name: &'static str,
+}
+
 /// The series one type's intake updates for every message.
 #[derive(Clone)]
 pub struct IntakeMetrics {
@@ -147,8 +164,9 @@ pub struct Metrics {
     flush_errors: IntCounterVec,
     db_pool_connections: IntGaugeVec,
     db_pool_max: IntGauge,
-    db_up: IntGauge,
-    db_health_failures: IntCounterVec,
+    db_health: DbHealth,
+    /// History's own database (`history.database_url`).
+    history_db_health: DbHealth,
     nats_connected: IntGauge,
     history_requests: IntCounterVec,
     history_duration: HistogramVec,
@@ -251,19 +269,38 @@ impl Metrics {
                 IntGauge::new("tickvault_db_pool_max", "Most connections the pool opens")
                     .expect("valid metric"),
             ),
-            db_up: register(
-                &registry,
-                IntGauge::new(
-                    "tickvault_db_up",
-                    "1 when the last database health check passed",
-                )
-                .expect("valid metric"),
-            ),
-            db_health_failures: counter(
-                "tickvault_db_health_check_failures_total",
-                "Failed database health checks",
-                &["kind"],
-            ),
+            db_health: DbHealth {
+                up: register(
+                    &registry,
+                    IntGauge::new(
+                        "tickvault_db_up",
+                        "1 when the last database health check passed",
+                    )
+                    .expect("valid metric"),
+                ),
+                failures: counter(
+                    "tickvault_db_health_check_failures_total",
+                    "Failed database health checks",
+                    &["kind"],
+                ),
+                name: "database",
+            },
+            history_db_health: DbHealth {
+                up: register(
+                    &registry,
+                    IntGauge::new(
+                        "tickvault_history_db_up",
+                        "1 when the database history reads is up (history.database_url when set, else the ingest database)",
+                    )
+                    .expect("valid metric"),
+                ),
+                failures: counter(
+                    "tickvault_history_db_health_check_failures_total",
+                    "Failed health checks of history.database_url",
+                    &["kind"],
+                ),
+                name: "history database (history.database_url)",
+            },
             nats_connected: register(
                 &registry,
                 IntGauge::new("tickvault_nats_connected", "1 while connected to NATS")
@@ -288,6 +325,12 @@ impl Metrics {
             registry,
         };
         // Every series exists from the start, so dashboards show 0, not "no data".
+        for kind in DbFailureKind::ALL {
+            metrics
+                .history_db_health
+                .failures
+                .with_label_values(&[kind.as_str()]);
+        }
         for t in RecordType::ALL {
             let name = t.name();
             metrics.queue_depth.with_label_values(&[name]);
@@ -496,37 +539,49 @@ impl Metrics {
         self.db_pool_max.set(max as i64);
     }
 
-    /// Records a health check's result; logs only when the state changes.
-    pub fn db_checked(&self, result: Result<(), (DbFailureKind, &dyn std::error::Error)>) {
-        let was_up = self.db_up.get() == 1;
+    /// Records a health check's result of the database of `role`; logs only
+    /// when the state changes.
+    pub fn db_checked(
+        &self,
+        role: DbRole,
+        result: Result<(), (DbFailureKind, &dyn std::error::Error)>,
+    ) {
+        let health = match role {
+            DbRole::Primary => &self.db_health,
+            DbRole::History => &self.history_db_health,
+        };
+        let database = health.name;
+        let was_up = health.up.get() == 1;
         match result {
             Ok(()) => {
                 if !was_up {
-                    tracing::info!("database is up");
+                    tracing::info!(database, "{database} is up");
                 }
-                self.db_up.set(1);
+                health.up.set(1);
             }
             Err((kind, error)) => {
-                self.db_health_failures
-                    .with_label_values(&[kind.as_str()])
-                    .inc();
-                if was_up
-                    || self
-                        .db_health_failures
-                        .with_label_values(&[kind.as_str()])
-                        .get()
-                        == 1
-                {
+                let failures = health.failures.with_label_values(&[kind.as_str()]);
+                failures.inc();
+                if was_up || failures.get() == 1 {
                     if kind == DbFailureKind::Authentication {
-                        tracing::error!(kind = kind.as_str(), error = %error,
-                            "the database refuses tickvault's login or TLS; fix the setting named in the error (checked again at the longest retry interval)");
+                        tracing::error!(database, kind = kind.as_str(), error = %error,
+                            "the {database} refuses tickvault's login or TLS; fix the setting named in the error (checked again at the longest retry interval)");
+                    } else if role == DbRole::History {
+                        tracing::warn!(database, kind = kind.as_str(), error = %error,
+                            "{database} is down: history answers 503 until it is back, ingest goes on; retrying with backoff");
                     } else {
-                        tracing::warn!(kind = kind.as_str(), error = %error, "database is down; retrying with backoff");
+                        tracing::warn!(database, kind = kind.as_str(), error = %error, "{database} is down; retrying with backoff");
                     }
                 }
-                self.db_up.set(0);
+                health.up.set(0);
             }
         }
+    }
+
+    /// `tickvault_history_db_up` when history reads the ingest database: the
+    /// same as `tickvault_db_up`, read at scrape time.
+    pub fn history_db_shares_primary(&self) {
+        self.history_db_health.up.set(self.db_health.up.get());
     }
 
     pub fn nats_connection(&self, connected: bool) {

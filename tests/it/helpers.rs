@@ -202,9 +202,12 @@ pub async fn start(config: Config) -> TestApp {
         let _ = stopped.await;
     }));
     // The test's own connections use the app's settings (TLS, credentials).
-    let nats = tickvault::nats::connect(&config.nats, |options| options.retry_on_initial_connect())
-        .await
-        .expect("test NATS client");
+    // Named apart from the worker's connection, which tests may look for.
+    let nats = tickvault::nats::connect(&config.nats, |options| {
+        options.retry_on_initial_connect().name("tickvault-test")
+    })
+    .await
+    .expect("test NATS client");
     let pool = PgPoolOptions::new()
         .max_connections(4)
         .connect_lazy_with(tickvault::db::connect_options(&config.database).expect("test pool"));
@@ -345,6 +348,11 @@ impl TestApp {
             .await
             .expect("shutdown is bounded")
             .expect("the app task does not panic")
+    }
+
+    /// The application is still running: it has neither returned nor panicked.
+    pub fn is_running(&self) -> bool {
+        self.handle.as_ref().is_some_and(|h| !h.is_finished())
     }
 
     /// Gives the test database to another app (a restart), keeping it alive.
@@ -507,6 +515,7 @@ impl NatsServer {
         wait_for_port(self.port, true, Duration::from_secs(10));
     }
 
+    /// Kills the server (SIGKILL: no clean shutdown) and waits for its port to close.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -522,6 +531,124 @@ impl Drop for NatsServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// A private JetStream cluster of nats-servers on loopback, each with its
+/// own free ports (client, route, monitoring) and store; every node is
+/// killed and its files removed when dropped.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+    /// `--server_name` of each node, in the order of `nodes`.
+    pub names: Vec<String>,
+    /// The HTTP monitoring port of each node (`/connz`).
+    monitor_ports: Vec<u16>,
+}
+
+impl NatsCluster {
+    /// Starts `size` nodes routed to each other (`--cluster_name`,
+    /// `--server_name`, `--cluster`, `--routes`) and waits until JetStream
+    /// answers (its meta leader is elected).
+    pub async fn start(size: usize) -> NatsCluster {
+        let cluster_name = format!("tv_{}", unique());
+        let route_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let monitor_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let names: Vec<String> = (0..size).map(|i| format!("{cluster_name}_n{i}")).collect();
+        let nodes = (0..size)
+            .map(|i| {
+                let routes: Vec<String> = route_ports
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, port)| format!("nats://127.0.0.1:{port}"))
+                    .collect();
+                NatsServer::start_with(&[
+                    "--server_name",
+                    &names[i],
+                    "--cluster_name",
+                    &cluster_name,
+                    "--cluster",
+                    &format!("nats://127.0.0.1:{}", route_ports[i]),
+                    "--routes",
+                    &routes.join(","),
+                    "-m",
+                    &monitor_ports[i].to_string(),
+                ])
+            })
+            .collect();
+        let cluster = NatsCluster {
+            nodes,
+            names,
+            monitor_ports,
+        };
+        cluster.wait_for_meta_leader().await;
+        cluster
+    }
+
+    /// Waits until every running node knows the JetStream meta leader (`/jsz`).
+    pub async fn wait_for_meta_leader(&self) {
+        wait_for(
+            Duration::from_secs(30),
+            "the JetStream meta leader",
+            || async {
+                for i in 0..self.nodes.len() {
+                    let jsz = self.monitor(i, "jsz").await?;
+                    jsz["meta_cluster"]["leader"].as_str()?;
+                }
+                Some(())
+            },
+        )
+        .await
+    }
+
+    /// A monitoring endpoint's JSON of node `i`; `None` while it is down.
+    async fn monitor(&self, i: usize, endpoint: &str) -> Option<serde_json::Value> {
+        let url = format!("http://127.0.0.1:{}/{endpoint}", self.monitor_ports[i]);
+        reqwest::get(url).await.ok()?.json().await.ok()
+    }
+
+    /// Every node's client URL, comma-separated: a `nats.url` server list.
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The index of the node whose `--server_name` is `name`.
+    pub fn index_of(&self, name: &str) -> usize {
+        self.names
+            .iter()
+            .position(|n| n == name)
+            .unwrap_or_else(|| panic!("{name} is not a node of this cluster"))
+    }
+
+    /// The nodes a client named `client_name` is connected to now,
+    /// from each running node's `/connz`.
+    pub async fn nodes_serving(&self, client_name: &str) -> Vec<usize> {
+        let mut serving = Vec::new();
+        for i in 0..self.nodes.len() {
+            // A node that is down serves no one.
+            let Some(connz) = self.monitor(i, "connz?limit=1024").await else {
+                continue;
+            };
+            let connections = connz["connections"].as_array().cloned().unwrap_or_default();
+            if connections.iter().any(|c| c["name"] == client_name) {
+                serving.push(i);
+            }
+        }
+        serving
+    }
+
+    /// Kills node `i` with SIGKILL (its store stays for [`NatsCluster::restart`]).
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].stop();
+    }
+
+    /// Starts node `i` again on its ports and store.
+    pub fn restart(&mut self, i: usize) {
+        self.nodes[i].resume();
     }
 }
 
@@ -618,6 +745,44 @@ impl PgServer {
         assert!(status.success(), "initdb failed");
         configure(&dir.path().join("data"));
         chown(&dir.path().join("data"));
+        let mut server = PgServer {
+            port: free_port(),
+            dir,
+            running: false,
+        };
+        server.resume();
+        server
+    }
+
+    /// A streaming standby of `primary`: `pg_basebackup -R` (which writes
+    /// `standby.signal` and `primary_conninfo`) into a data directory of its
+    /// own, started on another free port. Read-only; it replays what the
+    /// primary writes. The primary's default `pg_hba.conf` (initdb with
+    /// trust) admits replication from 127.0.0.1, and `wal_level` is `replica`.
+    pub fn standby_of(primary: &PgServer) -> PgServer {
+        let dir = tempfile::Builder::new()
+            .prefix("tickvault-pg-standby-")
+            .tempdir()
+            .unwrap();
+        if is_root() {
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .unwrap();
+        }
+        let output = pg_command("pg_basebackup")
+            .args(["-h", "127.0.0.1", "-p", &primary.port.to_string()])
+            // A fast checkpoint: a spread one waits most of checkpoint_timeout.
+            .args(["-U", "postgres", "-X", "stream", "-R", "-c", "fast", "-D"])
+            .arg(dir.path().join("data"))
+            .output()
+            .expect("pg_basebackup is installed");
+        assert!(
+            output.status.success(),
+            "pg_basebackup failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         let mut server = PgServer {
             port: free_port(),
             dir,
