@@ -12,17 +12,20 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::stream::{self, StreamExt as _, TryStreamExt as _};
+use sqlx::postgres::PgArguments;
+use sqlx::PgConnection;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::admission::{Limits, WaitQueue};
 use super::query::{self, RowKey};
 use super::request::{self, LatestQuery, Query, SymbolsQuery};
 use super::HistoryError;
 use crate::config::HistoryConfig;
 use crate::db::Database;
 use crate::ops::health::Status;
-use crate::ops::metrics::Metrics;
+use crate::ops::metrics::{Metrics, ShedReason};
 use crate::records::{format_timestamp, RecordType};
 use crate::retry::Backoff;
 
@@ -70,13 +73,53 @@ impl Route {
     }
 }
 
-/// Shared by every request task.
+/// What a checked request asks for: all that is kept of it while it waits.
+enum Work {
+    Range(Query),
+    Latest(LatestQuery),
+    Symbols(SymbolsQuery),
+}
+
+/// A request as received: what its reply needs.
+struct Asked {
+    route: Route,
+    /// Its body is dropped once parsed.
+    request: async_nats::service::Request,
+    /// The metrics' `kind` label.
+    kind: &'static str,
+    arrived: Instant,
+}
+
+/// A checked request waiting for, or holding, a slot.
+struct Job {
+    asked: Asked,
+    work: Work,
+}
+
+/// Shared by the dispatcher and every request task.
 struct Context {
     client: async_nats::Client,
     db: Database,
     metrics: Arc<Metrics>,
+    status: Arc<Status>,
+    max_request_bytes: usize,
 }
 
+impl Context {
+    /// Whether the database history reads from is up, as its supervisor
+    /// last saw it: when it is not, requests are refused at once instead
+    /// of waiting for a connection that cannot come.
+    fn database_up(&self) -> bool {
+        self.status.db_up()
+    }
+}
+
+/// Serves history until `shutdown`. Each request, as soon as it arrives
+/// (so none piles up in the subscription): a body over
+/// `history.max_request_bytes` is a 400 before parsing; a malformed one a
+/// 400; with the database down a 503; else it joins the bounded wait queue,
+/// or is a 503 when that is full. A slot frees → the oldest waiting request
+/// runs; one that waited past `history.queue_deadline_ms` is a 503, not run.
 pub async fn serve(
     client: async_nats::Client,
     db: Database,
@@ -111,35 +154,63 @@ pub async fn serve(
         client,
         db,
         metrics,
+        status: status.clone(),
+        max_request_bytes: config.max_request_bytes,
     });
     let mut requests = stream::select_all(
         endpoints
             .into_iter()
             .map(|(route, endpoint)| endpoint.map(move |request| (route, request))),
     );
-    let permits = Arc::new(Semaphore::new(max_in_flight(context.db.pool_max())));
+    let slots = Arc::new(Semaphore::new(max_in_flight(context.db.pool_max())));
+    let mut queue: WaitQueue<Job> = WaitQueue::new(Limits::from_config(&config));
     let mut tasks = JoinSet::new();
     loop {
+        let expiry = queue.next_deadline();
+        // Biased: expired requests leave the queue before a slot could start
+        // them, and a free slot is used before more requests are taken.
         tokio::select! {
+            biased;
             _ = shutdown.cancelled() => break,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            next = requests.next() => {
-                let Some((route, request)) = next else { break };
-                let permit = tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    permit = permits.clone().acquire_owned() => permit,
-                };
-                let Ok(permit) = permit else { break };
+            _ = sleep_until(expiry), if expiry.is_some() => {
+                let now = Instant::now();
+                while let Some((job, waited)) = queue.pop_expired(now) {
+                    context.metrics.history_expired(job.asked.kind, waited);
+                    context.reply(&job.asked, Err(HistoryError::Expired(waited))).await;
+                }
+                context.metrics.history_queued(queue.len());
+            }
+            slot = slots.clone().acquire_owned(), if !queue.is_empty() => {
+                let Ok(slot) = slot else { break };
+                // None: the oldest expired meanwhile; the branch above answers it.
+                let Some((job, waited)) = queue.pop(Instant::now()) else { continue };
+                context.metrics.history_queued(queue.len());
+                if !context.database_up() {
+                    context.metrics.history_shed(ShedReason::DatabaseDown, job.asked.kind);
+                    context.reply(&job.asked, Err(HistoryError::DatabaseDown)).await;
+                    continue;
+                }
+                let in_flight = context.metrics.history_started(waited);
                 let context = context.clone();
                 tasks.spawn(async move {
-                    handle(&context, route, request).await;
-                    drop(permit);
+                    context.run(&job).await;
+                    drop(in_flight);
+                    drop(slot);
                 });
+            }
+            next = requests.next() => {
+                let Some((route, request)) = next else { break };
+                context.arrive(&mut queue, route, request).await;
             }
         }
     }
     status.set_history_ready(false);
     drop(requests);
+    for job in queue.drain() {
+        context.reply(&job.asked, Err(HistoryError::Stopping)).await;
+    }
+    context.metrics.history_queued(0);
     if let Err(e) = service.stop().await {
         tracing::warn!(error = %e, "could not stop the history service cleanly");
     }
@@ -154,8 +225,16 @@ pub async fn serve(
     tracing::info!("history service stopped");
 }
 
-/// Requests answered at the same time (more wait in the subscription): half
-/// the database pool, so history never takes every connection the ingest
+/// Sleeps until `deadline` (forever when there is none).
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => futures::future::pending().await,
+    }
+}
+
+/// Requests answered at the same time (more wait in the queue): half the
+/// database pool, so history never takes every connection the ingest
 /// flushes need.
 pub fn max_in_flight(pool_max: u32) -> usize {
     (pool_max as usize / 2).max(1)
@@ -197,87 +276,138 @@ async fn start(
     Ok((service, endpoints))
 }
 
-/// Answers one request. Metrics are labelled with the data kind asked for,
-/// whichever endpoint was asked (the contract's `kind` label set).
-async fn handle(context: &Context, route: Route, request: async_nats::service::Request) {
-    let started = Instant::now();
-    let max_payload = match context.client.server_info().max_payload {
-        0 => FALLBACK_MAX_PAYLOAD,
-        n => n,
-    };
-    let (kind, result) = reply_for(&context.db, route, &request.message.payload, max_payload).await;
-    let endpoint = route.name();
-    let code = match result {
-        Ok(body) => {
-            if let Err(e) = request.respond(Ok(body)).await {
-                tracing::warn!(endpoint, kind, error = %e, "could not send a history reply");
-            }
-            200
-        }
-        Err(error) => {
-            let code = error.code();
-            if code >= 500 {
-                tracing::warn!(endpoint, kind, code, error = %error, cause = ?std::error::Error::source(&error).map(|s| s.to_string()),
-                    "history request failed");
-            }
-            let mut headers = HeaderMap::new();
-            headers.insert(NATS_SERVICE_ERROR, error.to_string().as_str());
-            headers.insert(NATS_SERVICE_ERROR_CODE, code.to_string().as_str());
-            if let Err(e) = request
-                .respond_with_headers(Ok(error.reply_body()), headers)
-                .await
-            {
-                tracing::warn!(endpoint, kind, error = %e, "could not send a history error reply");
-            }
-            code
-        }
-    };
-    context
-        .metrics
-        .history_answered(kind, code, started.elapsed());
-}
-
-/// The reply body of a request to `route` and the metrics' `kind` label.
-async fn reply_for(
-    db: &Database,
-    route: Route,
-    body: &[u8],
-    max_payload: usize,
-) -> (&'static str, Result<Bytes, HistoryError>) {
+/// A request's body checked on arrival: its size, then its content. The
+/// metrics' `kind` label is the data kind asked for, whichever endpoint was
+/// asked (the contract's `kind` label set).
+fn check(route: Route, body: &[u8], max_bytes: usize) -> (&'static str, Result<Work, HistoryError>) {
     let label = |record_type: RecordType| record_type.spec().history_kind;
+    let requested = || request::requested_kind(body).map_or(UNKNOWN_KIND, label);
+    if body.len() > max_bytes {
+        let kind = match route {
+            Route::Range(record_type) => label(record_type),
+            // Not parsed: an oversized body's kind is not looked for.
+            Route::Latest | Route::Symbols => UNKNOWN_KIND,
+        };
+        let error = HistoryError::TooLarge {
+            bytes: body.len(),
+            max: max_bytes,
+        };
+        return (kind, Err(error));
+    }
     match route {
-        Route::Range(record_type) => {
-            let result = match request::parse(record_type, body) {
-                Ok(query) => answer(db, &query, max_payload).await,
-                Err(e) => Err(e),
-            };
-            (label(record_type), result)
-        }
+        Route::Range(record_type) => (
+            label(record_type),
+            request::parse(record_type, body).map(Work::Range),
+        ),
         Route::Latest => match request::parse_latest(body) {
-            Ok(query) => (
-                label(query.spec.record_type),
-                bounded(db, answer_latest(db, &query, max_payload)).await,
-            ),
-            Err(e) => (
-                request::requested_kind(body).map_or(UNKNOWN_KIND, label),
-                Err(e),
-            ),
+            Ok(query) => (label(query.spec.record_type), Ok(Work::Latest(query))),
+            Err(e) => (requested(), Err(e)),
         },
         Route::Symbols => match request::parse_symbols(body) {
-            Ok(query) => (
-                label(query.spec.record_type),
-                bounded(db, answer_symbols(db, &query, max_payload)).await,
-            ),
-            Err(e) => (
-                request::requested_kind(body).map_or(UNKNOWN_KIND, label),
-                Err(e),
-            ),
+            Ok(query) => (label(query.spec.record_type), Ok(Work::Symbols(query))),
+            Err(e) => (requested(), Err(e)),
         },
+    }
+}
+
+impl Context {
+    /// Admits a request that just arrived into `queue`, or answers it at once.
+    async fn arrive(
+        &self,
+        queue: &mut WaitQueue<Job>,
+        route: Route,
+        mut request: async_nats::service::Request,
+    ) {
+        let arrived = Instant::now();
+        let bytes = request.message.payload.len();
+        let (kind, checked) = check(route, &request.message.payload, self.max_request_bytes);
+        // The parsed query is all that waits.
+        request.message.payload = Bytes::new();
+        let asked = Asked {
+            route,
+            request,
+            kind,
+            arrived,
+        };
+        let refusal = match checked {
+            Err(error) => {
+                if matches!(error, HistoryError::TooLarge { .. }) {
+                    self.metrics.history_shed(ShedReason::TooLarge, kind);
+                }
+                error
+            }
+            Ok(_) if !self.database_up() => {
+                self.metrics.history_shed(ShedReason::DatabaseDown, kind);
+                HistoryError::DatabaseDown
+            }
+            Ok(work) => match queue.push(Job { asked, work }, bytes, arrived) {
+                Ok(()) => {
+                    self.metrics.history_queued(queue.len());
+                    return;
+                }
+                Err(job) => {
+                    self.metrics.history_shed(ShedReason::QueueFull, kind);
+                    return self.reply(&job.asked, Err(HistoryError::QueueFull)).await;
+                }
+            },
+        };
+        self.reply(&asked, Err(refusal)).await;
+    }
+
+    /// Runs a job that holds a slot, within the client-side last resort.
+    async fn run(&self, job: &Job) {
+        let max_payload = match self.client.server_info().max_payload {
+            0 => FALLBACK_MAX_PAYLOAD,
+            n => n,
+        };
+        let db = &self.db;
+        let result = match &job.work {
+            Work::Range(query) => bounded(db, write_reply(db, query, max_payload)).await,
+            Work::Latest(query) => bounded(db, answer_latest(db, query, max_payload)).await,
+            Work::Symbols(query) => bounded(db, answer_symbols(db, query, max_payload)).await,
+        };
+        self.reply(&job.asked, result).await;
+    }
+
+    /// Sends the reply (or the error body with the micro-service error
+    /// headers) and counts it.
+    async fn reply(&self, asked: &Asked, result: Result<Bytes, HistoryError>) {
+        let endpoint = asked.route.name();
+        let kind = asked.kind;
+        let request = &asked.request;
+        let code = match result {
+            Ok(body) => {
+                if let Err(e) = request.respond(Ok(body)).await {
+                    tracing::warn!(endpoint, kind, error = %e, "could not send a history reply");
+                }
+                200
+            }
+            Err(error) => {
+                let code = error.code();
+                if code >= 500 && !error.is_refusal() {
+                    tracing::warn!(endpoint, kind, code, error = %error, cause = ?std::error::Error::source(&error).map(|s| s.to_string()),
+                        "history request failed");
+                }
+                let mut headers = HeaderMap::new();
+                headers.insert(NATS_SERVICE_ERROR, error.to_string().as_str());
+                headers.insert(NATS_SERVICE_ERROR_CODE, code.to_string().as_str());
+                if let Err(e) = request
+                    .respond_with_headers(Ok(error.reply_body()), headers)
+                    .await
+                {
+                    tracing::warn!(endpoint, kind, error = %e, "could not send a history error reply");
+                }
+                code
+            }
+        };
+        self.metrics
+            .history_answered(kind, code, asked.arrived.elapsed());
     }
 }
 
 /// The client-side last resort for an unresponsive server (the server
 /// itself cancels a query after `database.statement_timeout_ms`): a 503.
+/// A reply abandoned here closes its connection (see `db::ReadTransaction`).
 async fn bounded(
     db: &Database,
     reply: impl std::future::Future<Output = Result<Bytes, HistoryError>>,
@@ -287,18 +417,6 @@ async fn bounded(
         Ok(result) => result,
         Err(_) => Err(HistoryError::Timeout(bound)),
     }
-}
-
-/// Runs the query and writes the reply: as many rows as fit in `max_payload`
-/// (and `limit`), and a cursor when more rows match. The query is bounded on
-/// the server by `database.statement_timeout_ms` (answered 503); the
-/// client-side bound is only a last resort for an unresponsive server.
-pub async fn answer(
-    db: &Database,
-    query: &Query,
-    max_payload: usize,
-) -> Result<Bytes, HistoryError> {
-    bounded(db, write_reply(db, query, max_payload)).await
 }
 
 /// Room for a `latest` or `symbols` reply: all of it or a 400 naming `symbols`.
@@ -354,14 +472,26 @@ async fn answer_latest(
     }
     let (sql, args) = query::build_latest(query)?;
     let mut tx = db.begin_read().await?;
-    let mut rows = sqlx::query_with(&sql, args).fetch(&mut *tx);
+    let read = read_latest(&mut tx, query, &sql, args, &mut reply).await;
+    tx.end(read).await?;
+    Ok(reply.finish())
+}
+
+async fn read_latest(
+    conn: &mut PgConnection,
+    query: &LatestQuery,
+    sql: &str,
+    args: PgArguments,
+    reply: &mut WholeReply,
+) -> Result<(), HistoryError> {
+    let mut rows = sqlx::query_with(sql, args).fetch(conn);
     let mut row_json = Vec::with_capacity(256);
     while let Some(row) = rows.try_next().await? {
         row_json.clear();
         query::write_row(query.spec, &row, &mut row_json)?;
         reply.push(&row_json)?;
     }
-    Ok(reply.finish())
+    Ok(())
 }
 
 /// `{"symbols": [{"symbol": .., "first": .., "last": ..}]}`.
@@ -370,11 +500,21 @@ async fn answer_symbols(
     query: &SymbolsQuery,
     max_payload: usize,
 ) -> Result<Bytes, HistoryError> {
-    use sqlx::Row as _;
     let mut reply = WholeReply::new(b"{\"symbols\":[", max_payload);
     let sql = query::build_symbols(query);
     let mut tx = db.begin_read().await?;
-    let mut rows = sqlx::query(&sql).fetch(&mut *tx);
+    let read = read_symbols(&mut tx, &sql, &mut reply).await;
+    tx.end(read).await?;
+    Ok(reply.finish())
+}
+
+async fn read_symbols(
+    conn: &mut PgConnection,
+    sql: &str,
+    reply: &mut WholeReply,
+) -> Result<(), HistoryError> {
+    use sqlx::Row as _;
+    let mut rows = sqlx::query(sql).fetch(conn);
     while let Some(row) = rows.try_next().await? {
         let symbol: String = row.try_get("id")?;
         let first: Option<DateTime<Utc>> = row.try_get("first")?;
@@ -390,13 +530,16 @@ async fn answer_symbols(
         });
         reply.push(item.to_string().as_bytes())?;
     }
-    Ok(reply.finish())
+    Ok(())
 }
 
 fn client_timeout(db: &Database) -> Duration {
     db.config.acquire_timeout() + db.config.statement_timeout() + CLIENT_TIMEOUT_MARGIN
 }
 
+/// One page of a range: as many rows as fit in `max_payload` (and `limit`),
+/// and a cursor when more rows match. The query is bounded on the server by
+/// `database.statement_timeout_ms` (answered 503).
 async fn write_reply(
     db: &Database,
     query: &Query,
@@ -408,41 +551,14 @@ async fn write_reply(
     let fit = (budget / query::min_row_bytes(spec)).max(1);
     let page = (query.limit as usize).min(fit);
     let (sql, args) = query::build(query, page as i64 + 1)?;
-    let mut tx = db.begin_read().await?;
-    let mut rows = sqlx::query_with(&sql, args).fetch(&mut *tx);
-
     let mut out = Vec::with_capacity(budget.min(64 * 1024));
     out.extend_from_slice(b"{\"rows\":[");
-    let mut row_json = Vec::with_capacity(256);
-    let mut returned = 0usize;
-    let mut last: Option<RowKey> = None;
-    let mut more = false;
-    while let Some(row) = rows.try_next().await? {
-        if returned == page {
-            more = true;
-            break;
-        }
-        row_json.clear();
-        let key = query::write_row(spec, &row, &mut row_json)?;
-        let separator = usize::from(returned > 0);
-        if out.len() + separator + row_json.len() > budget {
-            if returned == 0 {
-                return Err(HistoryError::RowTooLarge);
-            }
-            more = true;
-            break;
-        }
-        if separator == 1 {
-            out.push(b',');
-        }
-        out.extend_from_slice(&row_json);
-        returned += 1;
-        last = Some(key);
-    }
-    drop(rows);
-    tx.commit().await?;
+    let mut tx = db.begin_read().await?;
+    let read = read_page(&mut tx, query, &sql, args, page, budget, &mut out).await;
+    // The key to resume after, when more rows match.
+    let resume = tx.end(read).await?;
     out.extend_from_slice(b"],\"next_cursor\":");
-    match last.filter(|_| more) {
+    match resume {
         Some(key) => {
             out.push(b'"');
             out.extend_from_slice(
@@ -460,6 +576,51 @@ async fn write_reply(
         return Err(HistoryError::RowTooLarge);
     }
     Ok(Bytes::from(out))
+}
+
+/// Appends up to `page` rows to `out` within `budget` bytes; returns the
+/// key of the last one when more rows match.
+async fn read_page(
+    conn: &mut PgConnection,
+    query: &Query,
+    sql: &str,
+    args: PgArguments,
+    page: usize,
+    budget: usize,
+    out: &mut Vec<u8>,
+) -> Result<Option<RowKey>, HistoryError> {
+    let mut rows = sqlx::query_with(sql, args).fetch(conn);
+    let mut row_json = Vec::with_capacity(256);
+    let mut returned = 0usize;
+    let mut last: Option<RowKey> = None;
+    while let Some(row) = rows.try_next().await? {
+        if returned == page {
+            return Ok(last);
+        }
+        if let Some(out_of_range) = query::out_of_range(query, &row)? {
+            return Err(HistoryError::OutOfRange(
+                out_of_range,
+                query.interval.as_str(),
+            ));
+        }
+        row_json.clear();
+        let key = query::write_row(query.spec, &row, &mut row_json)?;
+        let separator = usize::from(returned > 0);
+        if out.len() + separator + row_json.len() > budget {
+            if returned == 0 {
+                return Err(HistoryError::RowTooLarge);
+            }
+            return Ok(last);
+        }
+        if separator == 1 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&row_json);
+        returned += 1;
+        last = Some(key);
+    }
+    // Every matching row was returned.
+    Ok(None)
 }
 
 #[cfg(test)]
