@@ -14,11 +14,11 @@ use chrono::{DateTime, Utc};
 use futures::stream::{self, StreamExt as _, TryStreamExt as _};
 use sqlx::postgres::PgArguments;
 use sqlx::PgConnection;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::admission::{Limits, WaitQueue};
+use super::admission::{Budget, Ticket, WaitQueue};
 use super::query::{self, RowKey};
 use super::request::{self, LatestQuery, Query, SymbolsQuery};
 use super::HistoryError;
@@ -90,13 +90,21 @@ struct Asked {
     arrived: Instant,
 }
 
-/// A checked request waiting for, or holding, a slot.
+/// A request admitted by the intake, on its way to be checked.
+struct Arrival {
+    asked: Asked,
+    ticket: Ticket,
+}
+
+/// A checked request waiting for a slot.
 struct Job {
     asked: Asked,
     work: Work,
+    /// Its share of the waiting budget, given back when it starts or leaves.
+    ticket: Ticket,
 }
 
-/// Shared by the dispatcher and every request task.
+/// Shared by the intake, the dispatcher and every request task.
 struct Context {
     client: async_nats::Client,
     db: Database,
@@ -114,12 +122,16 @@ impl Context {
     }
 }
 
-/// Serves history until `shutdown`. Each request, as soon as it arrives
-/// (so none piles up in the subscription): a body over
-/// `history.max_request_bytes` is a 400 before parsing; a malformed one a
-/// 400; with the database down a 503; else it joins the bounded wait queue,
-/// or is a 503 when that is full. A slot frees → the oldest waiting request
-/// runs; one that waited past `history.queue_deadline_ms` is a 503, not run.
+/// Serves history until `shutdown`, in two tasks so that a request never
+/// waits in the NATS subscription:
+/// - the intake takes each request as it arrives: a body over
+///   `history.max_request_bytes` is a 400, and one that does not fit the
+///   waiting budget (`history.max_queued_requests` / `max_queued_bytes`) a
+///   503, both without parsing;
+/// - the dispatcher parses the rest (a malformed request is a 400, the
+///   database known down a 503) into the wait queue, starts the oldest
+///   waiting request whenever one of the slots is free, and answers 503,
+///   without running it, a request that waited past `history.queue_deadline_ms`.
 pub async fn serve(
     client: async_nats::Client,
     db: Database,
@@ -157,18 +169,26 @@ pub async fn serve(
         status: status.clone(),
         max_request_bytes: config.max_request_bytes,
     });
-    let mut requests = stream::select_all(
+    let requests = stream::select_all(
         endpoints
             .into_iter()
             .map(|(route, endpoint)| endpoint.map(move |request| (route, request))),
     );
+    let (arrivals, mut arrived) = mpsc::unbounded_channel();
+    let intake = tokio::spawn(intake(
+        context.clone(),
+        requests,
+        Budget::new(&config),
+        arrivals,
+        shutdown.clone(),
+    ));
     let slots = Arc::new(Semaphore::new(max_in_flight(context.db.pool_max())));
-    let mut queue: WaitQueue<Job> = WaitQueue::new(Limits::from_config(&config));
+    let mut queue: WaitQueue<Job> = WaitQueue::new(config.queue_deadline());
     let mut tasks = JoinSet::new();
     loop {
         let expiry = queue.next_deadline();
         // Biased: expired requests leave the queue before a slot could start
-        // them, and a free slot is used before more requests are taken.
+        // them, and a free slot is used before more requests are checked.
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -186,27 +206,37 @@ pub async fn serve(
                 // None: the oldest expired meanwhile; the branch above answers it.
                 let Some((job, waited)) = queue.pop(Instant::now()) else { continue };
                 context.metrics.history_queued(queue.len());
+                let Job { asked, work, ticket } = job;
+                drop(ticket);
                 if !context.database_up() {
-                    context.metrics.history_shed(ShedReason::DatabaseDown, job.asked.kind);
-                    context.reply(&job.asked, Err(HistoryError::DatabaseDown)).await;
+                    context.metrics.history_shed(ShedReason::DatabaseDown, asked.kind);
+                    context.reply(&asked, Err(HistoryError::DatabaseDown)).await;
                     continue;
                 }
                 let in_flight = context.metrics.history_started(waited);
                 let context = context.clone();
                 tasks.spawn(async move {
-                    context.run(&job).await;
+                    context.run(&asked, &work).await;
                     drop(in_flight);
                     drop(slot);
                 });
             }
-            next = requests.next() => {
-                let Some((route, request)) = next else { break };
-                context.arrive(&mut queue, route, request).await;
+            arrival = arrived.recv() => {
+                let Some(arrival) = arrival else { break };
+                if let Some(job) = context.check(arrival).await {
+                    let arrived = job.asked.arrived;
+                    queue.push(job, arrived);
+                    context.metrics.history_queued(queue.len());
+                }
             }
         }
     }
     status.set_history_ready(false);
-    drop(requests);
+    let _ = intake.await;
+    arrived.close();
+    while let Some(arrival) = arrived.recv().await {
+        context.reply(&arrival.asked, Err(HistoryError::Stopping)).await;
+    }
     for job in queue.drain() {
         context.reply(&job.asked, Err(HistoryError::Stopping)).await;
     }
@@ -223,6 +253,57 @@ pub async fn serve(
         tasks.abort_all();
     }
     tracing::info!("history service stopped");
+}
+
+/// Takes every request as soon as it arrives, until `shutdown` or the end
+/// of the endpoints: refuses what is too large or over the waiting budget,
+/// hands the rest to the dispatcher.
+async fn intake(
+    context: Arc<Context>,
+    mut requests: impl futures::Stream<Item = (Route, async_nats::service::Request)> + Unpin,
+    budget: Arc<Budget>,
+    arrivals: mpsc::UnboundedSender<Arrival>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (route, request) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            next = requests.next() => match next {
+                Some(next) => next,
+                None => return,
+            },
+        };
+        let bytes = request.message.payload.len();
+        let asked = Asked {
+            route,
+            request,
+            // Not parsed yet: a range endpoint names its kind, `latest` and `symbols` do not.
+            kind: match route {
+                Route::Range(record_type) => record_type.spec().history_kind,
+                Route::Latest | Route::Symbols => UNKNOWN_KIND,
+            },
+            arrived: Instant::now(),
+        };
+        let (reason, refusal) = if bytes > context.max_request_bytes {
+            let max = context.max_request_bytes;
+            (ShedReason::TooLarge, HistoryError::TooLarge { bytes, max })
+        } else {
+            match budget.admit(bytes) {
+                Some(ticket) => {
+                    if let Err(returned) = arrivals.send(Arrival { asked, ticket }) {
+                        // The dispatcher stopped: shutdown.
+                        let asked = returned.0.asked;
+                        context.reply(&asked, Err(HistoryError::Stopping)).await;
+                        return;
+                    }
+                    continue;
+                }
+                None => (ShedReason::QueueFull, HistoryError::QueueFull),
+            }
+        };
+        context.metrics.history_shed(reason, asked.kind);
+        context.reply(&asked, Err(refusal)).await;
+    }
 }
 
 /// Sleeps until `deadline` (forever when there is none).
@@ -276,24 +357,12 @@ async fn start(
     Ok((service, endpoints))
 }
 
-/// A request's body checked on arrival: its size, then its content. The
-/// metrics' `kind` label is the data kind asked for, whichever endpoint was
-/// asked (the contract's `kind` label set).
-fn check(route: Route, body: &[u8], max_bytes: usize) -> (&'static str, Result<Work, HistoryError>) {
+/// A request's body parsed and checked, and the metrics' `kind` label: the
+/// data kind asked for, whichever endpoint was asked (the contract's `kind`
+/// label set).
+fn parse(route: Route, body: &[u8]) -> (&'static str, Result<Work, HistoryError>) {
     let label = |record_type: RecordType| record_type.spec().history_kind;
     let requested = || request::requested_kind(body).map_or(UNKNOWN_KIND, label);
-    if body.len() > max_bytes {
-        let kind = match route {
-            Route::Range(record_type) => label(record_type),
-            // Not parsed: an oversized body's kind is not looked for.
-            Route::Latest | Route::Symbols => UNKNOWN_KIND,
-        };
-        let error = HistoryError::TooLarge {
-            bytes: body.len(),
-            max: max_bytes,
-        };
-        return (kind, Err(error));
-    }
     match route {
         Route::Range(record_type) => (
             label(record_type),
@@ -311,62 +380,46 @@ fn check(route: Route, body: &[u8], max_bytes: usize) -> (&'static str, Result<W
 }
 
 impl Context {
-    /// Admits a request that just arrived into `queue`, or answers it at once.
-    async fn arrive(
-        &self,
-        queue: &mut WaitQueue<Job>,
-        route: Route,
-        mut request: async_nats::service::Request,
-    ) {
-        let arrived = Instant::now();
-        let bytes = request.message.payload.len();
-        let (kind, checked) = check(route, &request.message.payload, self.max_request_bytes);
+    /// Parses an admitted request into a job for the wait queue, or answers
+    /// it at once: 400 when malformed, 503 when the database is down.
+    async fn check(&self, arrival: Arrival) -> Option<Job> {
+        let Arrival { mut asked, ticket } = arrival;
+        let (kind, parsed) = parse(asked.route, &asked.request.message.payload);
+        asked.kind = kind;
         // The parsed query is all that waits.
-        request.message.payload = Bytes::new();
-        let asked = Asked {
-            route,
-            request,
-            kind,
-            arrived,
-        };
-        let refusal = match checked {
-            Err(error) => {
-                if matches!(error, HistoryError::TooLarge { .. }) {
-                    self.metrics.history_shed(ShedReason::TooLarge, kind);
-                }
-                error
+        asked.request.message.payload = Bytes::new();
+        let refusal = match parsed {
+            Ok(work) if self.database_up() => {
+                return Some(Job {
+                    asked,
+                    work,
+                    ticket,
+                })
             }
-            Ok(_) if !self.database_up() => {
+            Ok(_) => {
                 self.metrics.history_shed(ShedReason::DatabaseDown, kind);
                 HistoryError::DatabaseDown
             }
-            Ok(work) => match queue.push(Job { asked, work }, bytes, arrived) {
-                Ok(()) => {
-                    self.metrics.history_queued(queue.len());
-                    return;
-                }
-                Err(job) => {
-                    self.metrics.history_shed(ShedReason::QueueFull, kind);
-                    return self.reply(&job.asked, Err(HistoryError::QueueFull)).await;
-                }
-            },
+            Err(error) => error,
         };
+        drop(ticket);
         self.reply(&asked, Err(refusal)).await;
+        None
     }
 
-    /// Runs a job that holds a slot, within the client-side last resort.
-    async fn run(&self, job: &Job) {
+    /// Runs a request that holds a slot, within the client-side last resort.
+    async fn run(&self, asked: &Asked, work: &Work) {
         let max_payload = match self.client.server_info().max_payload {
             0 => FALLBACK_MAX_PAYLOAD,
             n => n,
         };
         let db = &self.db;
-        let result = match &job.work {
+        let result = match work {
             Work::Range(query) => bounded(db, write_reply(db, query, max_payload)).await,
             Work::Latest(query) => bounded(db, answer_latest(db, query, max_payload)).await,
             Work::Symbols(query) => bounded(db, answer_symbols(db, query, max_payload)).await,
         };
-        self.reply(&job.asked, result).await;
+        self.reply(asked, result).await;
     }
 
     /// Sends the reply (or the error body with the micro-service error
