@@ -433,8 +433,14 @@ impl Config {
             ("ingest.max_message_bytes", ingest.max_message_bytes as u64),
             ("ingest.ack_wait_secs", ingest.ack_wait_secs),
             ("ingest.fetch_batch", ingest.fetch_batch as u64),
-            ("history.max_request_bytes", history.max_request_bytes as u64),
-            ("history.max_queued_requests", history.max_queued_requests as u64),
+            (
+                "history.max_request_bytes",
+                history.max_request_bytes as u64,
+            ),
+            (
+                "history.max_queued_requests",
+                history.max_queued_requests as u64,
+            ),
             ("history.max_queued_bytes", history.max_queued_bytes as u64),
             ("history.queue_deadline_ms", history.queue_deadline_ms),
         ];

@@ -285,7 +285,7 @@ impl Database {
     /// client. See [`ReadTransaction`] for how its connection goes back.
     pub async fn begin_read(&self) -> Result<ReadTransaction, sqlx::Error> {
         let mut read = ReadTransaction {
-            conn: self.pool.acquire().await?,
+            conn: Some(self.pool.acquire().await?),
             ended: false,
         };
         // One round trip; the value is a number from the configuration.
@@ -294,7 +294,7 @@ impl Database {
             "BEGIN READ ONLY; SET LOCAL statement_timeout = '{limit}'; SET LOCAL lock_timeout = '{limit}'"
         );
         // Without arguments: the simple protocol, which takes several statements.
-        read.conn.execute(begin.as_str()).await?;
+        read.execute(begin.as_str()).await?;
         Ok(read)
     }
 }
@@ -304,12 +304,16 @@ impl Database {
 const ROLLBACK_BOUND: Duration = Duration::from_secs(1);
 
 /// A history read on a connection held explicitly. It goes back to the pool
-/// only once [`end`](ReadTransaction::end) committed or rolled it back; a
+/// only once [`end`](ReadTransaction::end) committed or rolled it back. A
 /// read dropped before that (a client-side timeout, an abandoned request,
-/// shutdown) may still have a statement running, so its connection is
-/// closed rather than returned busy, and the pool opens a fresh one.
+/// shutdown) may still have a statement running: its connection is taken
+/// out of the pool and its socket closed at once, so the pool's slot is
+/// free for a fresh connection. (A graceful close would wait for the busy
+/// server over TLS; the server ends that backend when its statement ends,
+/// at the latest after `database.statement_timeout_ms`.)
 pub struct ReadTransaction {
-    conn: PoolConnection<Postgres>,
+    /// Always `Some` until dropped.
+    conn: Option<PoolConnection<Postgres>>,
     ended: bool,
 }
 
@@ -319,12 +323,12 @@ impl ReadTransaction {
     pub async fn end<T, E: From<sqlx::Error>>(mut self, result: Result<T, E>) -> Result<T, E> {
         match result {
             Ok(value) => {
-                self.conn.execute("COMMIT").await?;
+                self.execute("COMMIT").await?;
                 self.ended = true;
                 Ok(value)
             }
             Err(error) => {
-                let rollback = self.conn.execute("ROLLBACK");
+                let rollback = self.execute("ROLLBACK");
                 self.ended = matches!(
                     tokio::time::timeout(ROLLBACK_BOUND, rollback).await,
                     Ok(Ok(_))
@@ -339,20 +343,23 @@ impl std::ops::Deref for ReadTransaction {
     type Target = PgConnection;
 
     fn deref(&self) -> &PgConnection {
-        &self.conn
+        self.conn.as_ref().expect("held until dropped")
     }
 }
 
 impl std::ops::DerefMut for ReadTransaction {
     fn deref_mut(&mut self) -> &mut PgConnection {
-        &mut self.conn
+        self.conn.as_mut().expect("held until dropped")
     }
 }
 
 impl Drop for ReadTransaction {
     fn drop(&mut self) {
-        if !self.ended {
-            self.conn.close_on_drop();
+        if let Some(conn) = self.conn.take() {
+            if !self.ended {
+                // Dropping the detached connection closes its socket.
+                drop(conn.detach());
+            }
         }
     }
 }

@@ -103,7 +103,7 @@ impl<T> WaitQueue<T> {
     /// The oldest request, unless it waited past the deadline at `now`, and
     /// how long it waited.
     pub fn pop(&mut self, now: Instant) -> Option<(T, Duration)> {
-        if self.next_deadline().is_some_and(|deadline| deadline <= now) {
+        if self.expired(now) {
             return None;
         }
         self.take(now)
@@ -111,10 +111,15 @@ impl<T> WaitQueue<T> {
 
     /// The oldest request when it waited past the deadline at `now`, and how long it waited.
     pub fn pop_expired(&mut self, now: Instant) -> Option<(T, Duration)> {
-        if !self.next_deadline().is_some_and(|deadline| deadline <= now) {
+        if !self.expired(now) {
             return None;
         }
         self.take(now)
+    }
+
+    /// Whether the oldest request waited past the deadline at `now`.
+    fn expired(&self, now: Instant) -> bool {
+        self.next_deadline().is_some_and(|deadline| deadline <= now)
     }
 
     /// When the oldest request expires (they expire in arrival order).
@@ -169,10 +174,7 @@ mod tests {
         assert_eq!(q.next_deadline(), Some(start + Duration::from_secs(2)));
         let later = start + Duration::from_millis(2500);
         assert!(q.pop(later).is_none(), "never run an expired request");
-        assert_eq!(
-            q.pop_expired(later),
-            Some((1, Duration::from_millis(2500)))
-        );
+        assert_eq!(q.pop_expired(later), Some((1, Duration::from_millis(2500))));
         assert!(q.pop_expired(later).is_none(), "2 is within its deadline");
         assert_eq!(q.pop(later), Some((2, Duration::from_millis(1500))));
         assert_eq!(q.next_deadline(), None);

@@ -54,7 +54,9 @@ pub enum HistoryError {
     #[error("the database is unavailable; retry in {RETRY_AFTER_S} s")]
     DatabaseDown,
     /// Every slot is busy and the wait queue is full.
-    #[error("the history service is overloaded (its wait queue is full); retry in {RETRY_AFTER_S} s")]
+    #[error(
+        "the history service is overloaded (its wait queue is full); retry in {RETRY_AFTER_S} s"
+    )]
     QueueFull,
     /// The request waited past `history.queue_deadline_ms`; it was not run.
     #[error("the history service is overloaded: the request waited {} ms for a free slot and was not run; retry in {RETRY_AFTER_S} s", .0.as_millis())]
@@ -183,7 +185,13 @@ mod tests {
         );
         assert_eq!(overflow.code(), 400);
         let message = overflow.to_string();
-        for part in ["`volume`", "1d bar", "1970-01-01T00:00:00Z", "a BIGINT", "`interval`"] {
+        for part in [
+            "`volume`",
+            "1d bar",
+            "1970-01-01T00:00:00Z",
+            "a BIGINT",
+            "`interval`",
+        ] {
             assert!(message.contains(part), "{message}");
         }
     }

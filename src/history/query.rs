@@ -41,7 +41,8 @@ const CANDLE_AGGREGATES: &[(&str, &str)] = &[
 
 /// Sums never fail, whatever is stored: `volume` is summed by PostgreSQL in
 /// numeric (the sum of BIGINT) and cast back only when it fits.
-const VOLUME_SUM: &str = "CASE WHEN sum(\"volume\") BETWEEN -9223372036854775808 AND 9223372036854775807 \
+const VOLUME_SUM: &str =
+    "CASE WHEN sum(\"volume\") BETWEEN -9223372036854775808 AND 9223372036854775807 \
      THEN sum(\"volume\")::BIGINT END";
 /// `value`: minutes under 1e290 in magnitude are summed in float8, which
 /// cannot overflow (that would take over 10^18 of them); larger ones (never

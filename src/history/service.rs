@@ -1,8 +1,8 @@
 //! The `tickvault-history` NATS micro service: one range endpoint per record
-//! type plus `latest` and `symbols`, requests answered concurrently
-//! (bounded), replies cut to (range) or refused beyond (latest, symbols) the
-//! server's max payload, errors as a JSON body plus the micro-service error
-//! headers.
+//! type plus `latest` and `symbols`; admission control (see [`serve`]) in
+//! front of a bounded number of slots; replies cut to (range) or refused
+//! beyond (latest, symbols) the server's max payload; errors as a JSON body
+//! plus the micro-service error headers.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -235,7 +235,9 @@ pub async fn serve(
     let _ = intake.await;
     arrived.close();
     while let Some(arrival) = arrived.recv().await {
-        context.reply(&arrival.asked, Err(HistoryError::Stopping)).await;
+        context
+            .reply(&arrival.asked, Err(HistoryError::Stopping))
+            .await;
     }
     for job in queue.drain() {
         context.reply(&job.asked, Err(HistoryError::Stopping)).await;

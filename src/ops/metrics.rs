@@ -590,7 +590,10 @@ impl Metrics {
     /// A history request leaves the queue to run; it counts as in flight
     /// until the returned guard is dropped.
     pub fn history_started(&self, waited: Duration) -> InFlight {
-        tracing::trace!(waited_ms = waited.as_millis() as u64, "history request started");
+        tracing::trace!(
+            waited_ms = waited.as_millis() as u64,
+            "history request started"
+        );
         self.history_queue_wait.observe(waited.as_secs_f64());
         self.history_in_flight.inc();
         InFlight(self.history_in_flight.clone())
@@ -603,7 +606,10 @@ impl Metrics {
 
     /// Whether a refusal should be logged at warn now (at most every 10 s).
     fn refusal_due(&self) -> bool {
-        let mut last = self.refusal_warned.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = self
+            .refusal_warned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let due = last.is_none_or(|at| at.elapsed() >= REFUSAL_WARN_EVERY);
         if due {
             *last = Some(Instant::now());

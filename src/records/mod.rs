@@ -379,16 +379,24 @@ mod tests {
             let reject = CANDLE.parse_record(&record).unwrap_err();
             assert_eq!(reject.reason, RejectReason::InvalidValue, "{field}={value}");
             assert!(
-                reject.detail.contains(&format!("field `{field}` must be at most")),
+                reject
+                    .detail
+                    .contains(&format!("field `{field}` must be at most")),
                 "{field}={value}: {}",
                 reject.detail
             );
         }
         let negative_change = DERIV
-            .parse_record(&json!({"contract": "VN30F2412", "timestamp": 0, "price": 1300,
-                "basis": -2e18, "open_interest": 5, "volume": 1}))
+            .parse_record(
+                &json!({"contract": "VN30F2412", "timestamp": 0, "price": 1300,
+                "basis": -2e18, "open_interest": 5, "volume": 1}),
+            )
             .unwrap_err();
-        assert!(negative_change.detail.contains("`basis`"), "{}", negative_change.detail);
+        assert!(
+            negative_change.detail.contains("`basis`"),
+            "{}",
+            negative_change.detail
+        );
         // A feed's trade sequence is an identifier, not a quantity: any i64.
         assert!(TICK
             .parse_record(&json!({"symbol": "FPT", "timestamp": 0, "price": 1,

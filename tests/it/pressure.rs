@@ -80,10 +80,12 @@ async fn lock_table(pool: &PgPool, table: &str) -> sqlx::Transaction<'static, sq
 
 // ------------------------------------------------------------- a locked table
 
-/// A table lock held five times the statement timeout, while history
-/// requests hammer that table and ticks keep arriving: ticks keep landing,
-/// every history request is answered within deadline + statement timeout,
-/// and once the lock is gone the pool is idle within seconds.
+/// A table lock held 11 s (eleven history statement timeouts, and past the
+/// 10 s lock timeout of every connection), while history requests hammer
+/// that table and ticks keep arriving: ticks keep landing, every history
+/// request is answered within deadline + statement timeout, the candle
+/// write fails on the lock and is retried, and once the lock is gone the
+/// pool is idle within seconds.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_locked_table_stalls_neither_ingest_of_the_others_nor_the_pool() {
     const FLUSH_MS: u64 = 200;
@@ -141,8 +143,10 @@ async fn a_locked_table_stalls_neither_ingest_of_the_others_nor_the_pool() {
 
     let blocker = lock_table(&app.pool, "candles_1m").await;
     let locked_at = Instant::now();
-    let hold = Duration::from_millis(5 * STATEMENT_MS);
-    // Candles arriving meanwhile wait for the lock, then land.
+    // Longer than the history statement timeout, and than the lock timeout
+    // every connection has, so the candle write fails (and is retried) too.
+    let hold = tickvault::db::LOCK_TIMEOUT + Duration::from_secs(1);
+    // Candles arriving meanwhile wait for the lock, fail, are retried, then land.
     for i in 1..=3 {
         app.publish_json("candle", "VNM", &candle("VNM", T0 + i * 60_000, 50.0))
             .await;
@@ -166,12 +170,17 @@ async fn a_locked_table_stalls_neither_ingest_of_the_others_nor_the_pool() {
             answers
         }
     });
-    let answers: Vec<(u64, Duration, String)> = futures::future::join_all(clients)
-        .await
-        .into_iter()
-        .flatten()
-        .collect();
-    let in_flight = app.metric("tickvault_history_in_flight", &[]).await;
+    // The most requests running at once, sampled meanwhile.
+    let most_in_flight = async {
+        let mut most = 0.0f64;
+        while locked_at.elapsed() < hold {
+            most = most.max(app.metric("tickvault_history_in_flight", &[]).await);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        most
+    };
+    let (answers, in_flight) = tokio::join!(futures::future::join_all(clients), most_in_flight);
+    let answers: Vec<(u64, Duration, String)> = answers.into_iter().flatten().collect();
     blocker.commit().await.unwrap();
     let released_at = Instant::now();
 
@@ -184,7 +193,7 @@ async fn a_locked_table_stalls_neither_ingest_of_the_others_nor_the_pool() {
         .filter(|(_, _, m)| m.contains("was not run"))
         .count();
     println!(
-        "PRESSURE lock: {} history answers, slowest {slowest:?}, {expired} expired in the queue, in flight at the end {in_flight}",
+        "PRESSURE lock: {} history answers, slowest {slowest:?}, {expired} expired in the queue, at most {in_flight} running at once",
         answers.len()
     );
     assert!(answers.len() >= 30, "{}", answers.len());
@@ -193,9 +202,15 @@ async fn a_locked_table_stalls_neither_ingest_of_the_others_nor_the_pool() {
         assert_eq!(*code, 503, "the table is locked: {message}");
     }
     assert!(expired > 0, "more requests than slots: some must expire");
-    assert!(in_flight <= 5.0, "history uses at most half the pool: {in_flight}");
+    assert!(
+        in_flight <= 5.0,
+        "history uses at most half the pool: {in_flight}"
+    );
     let expired_total = app.metric("tickvault_history_expired_total", &[]).await;
-    assert!(expired_total >= expired as f64, "{expired_total} < {expired}");
+    assert!(
+        expired_total >= expired as f64,
+        "{expired_total} < {expired}"
+    );
 
     // Ingest of the other tables went on: the longest time without a new tick row.
     sampling.store(false, Ordering::Relaxed);
@@ -226,6 +241,14 @@ async fn a_locked_table_stalls_neither_ingest_of_the_others_nor_the_pool() {
 
     // The candles that waited for the lock land; the pool is idle within seconds.
     app.wait_for_rows("candles_1m", 4).await;
+    let candle_write_failures = app
+        .metric("tickvault_flush_errors_total", &[("type", "candle")])
+        .await;
+    println!("PRESSURE lock: candle writes failed {candle_write_failures} time(s) on the lock, then landed");
+    assert!(
+        candle_write_failures >= 1.0,
+        "the candle write met the lock timeout"
+    );
     feeding.store(false, Ordering::Relaxed);
     let published = feed.await.unwrap();
     app.wait_for_rows("tick_data", published).await;
@@ -269,7 +292,10 @@ impl Worker {
             .env("DATABASE_URL", &db.url)
             .env("NATS_URL", shared_nats_url())
             .env("TICKVAULT_INGEST__STREAM", &stream)
-            .env("TICKVAULT_INGEST__SUBJECT_PREFIX", format!("md{}", unique()))
+            .env(
+                "TICKVAULT_INGEST__SUBJECT_PREFIX",
+                format!("md{}", unique()),
+            )
             .env("TICKVAULT_HISTORY__SUBJECT_PREFIX", history_prefix)
             .env("TICKVAULT_HTTP__ADDR", format!("127.0.0.1:{http}"))
             .env("TICKVAULT_LOG__SUMMARY_INTERVAL_SECS", "0")
@@ -363,9 +389,11 @@ async fn four_hundred_one_megabyte_requests_keep_memory_bounded_and_expired_ones
             ("TICKVAULT_HISTORY__MAX_QUEUED_BYTES", "16777216"),
         ],
     );
-    wait_for(Duration::from_secs(60), "the worker to be ready", || async {
-        (worker.get("/ready").await?.0 == 200).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(60),
+        "the worker to be ready",
+        || async { (worker.get("/ready").await?.0 == 200).then_some(()) },
+    )
     .await;
     let pool = db.pool().await;
     let nats = async_nats::connect(shared_nats_url()).await.unwrap();
@@ -412,7 +440,11 @@ async fn four_hundred_one_megabyte_requests_keep_memory_bounded_and_expired_ones
         assert_eq!(reply.code(), 503, "{}", reply.json);
         assert_eq!(reply.json["error"]["retry_after_s"], 2, "{}", reply.json);
     }
-    assert_eq!(expired + queue_full + ran, 400, "every reply is one of the three");
+    assert_eq!(
+        expired + queue_full + ran,
+        400,
+        "every reply is one of the three"
+    );
 
     // The service's own account, and PostgreSQL's.
     let ran_metric = worker
@@ -430,11 +462,17 @@ async fn four_hundred_one_megabyte_requests_keep_memory_bounded_and_expired_ones
             .await,
         queue_full as f64
     );
-    assert_eq!(seen, ran, "the database saw exactly the queries the service ran");
+    assert_eq!(
+        seen, ran,
+        "the database saw exactly the queries the service ran"
+    );
     // Two slots, each busy for the statement timeout per query.
     let at_most = 2 * (storm.as_millis() as usize / STATEMENT_MS as usize + 2);
     assert!(ran <= at_most, "{ran} queries ran in {storm:?}");
-    assert!(expired > 0 && queue_full > 0, "{expired} expired, {queue_full} refused");
+    assert!(
+        expired > 0 && queue_full > 0,
+        "{expired} expired, {queue_full} refused"
+    );
 
     // Settled: the worker answers again and gives back what it held.
     let reply = ask_raw(&nats, ticks.clone(), small.clone().into_bytes()).await;
@@ -467,9 +505,11 @@ async fn with_the_database_down_64_requests_are_refused_within_a_second() {
     let db = TestDatabase::create_on(&pg.admin_url()).await;
     let app = spawn_app_with(db, &shared_nats_url(), |_| {}).await;
     pg.stop();
-    wait_for(Duration::from_secs(30), "/health to say the database is down", || async {
-        (app.health().await["database"] == "down").then_some(())
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "/health to say the database is down",
+        || async { (app.health().await["database"] == "down").then_some(()) },
+    )
     .await;
 
     let requests = (0..64).map(|i| {
@@ -491,7 +531,11 @@ async fn with_the_database_down_64_requests_are_refused_within_a_second() {
             reply.header("Nats-Service-Error-Code").as_deref(),
             Some("503")
         );
-        assert!(message(reply).contains("database is unavailable"), "{}", reply.json);
+        assert!(
+            message(reply).contains("database is unavailable"),
+            "{}",
+            reply.json
+        );
         assert!(*took < Duration::from_secs(1), "refused after {took:?}");
     }
     app.wait_for_metric(
@@ -502,10 +546,14 @@ async fn with_the_database_down_64_requests_are_refused_within_a_second() {
     .await;
 
     pg.resume();
-    wait_for(Duration::from_secs(60), "history to answer again", || async {
-        let reply = ask(&app, "symbols", json!({"kind": "ticks"})).await;
-        (reply.code() == 200).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(60),
+        "history to answer again",
+        || async {
+            let reply = ask(&app, "symbols", json!({"kind": "ticks"})).await;
+            (reply.code() == 200).then_some(())
+        },
+    )
     .await;
 }
 
@@ -542,10 +590,12 @@ async fn overflowing_stored_values_are_a_client_error_and_ingest_refuses_them() 
     insert_candle(&app.pool, "ONEBIG", 0, 1, 1e308).await;
     insert_candle(&app.pool, "ONEBIG", 1, 1, 2.5).await;
 
-    let bars = |symbol: &str, interval: &str| {
-        json!({"symbol": symbol, "from": "2026-11-26", "to": "2026-11-26", "interval": interval})
-    };
-    for (symbol, field) in [("BIGVOL", "volume"), ("BIGVAL", "value"), ("NEGVAL", "value")] {
+    let bars = |symbol: &str, interval: &str| json!({"symbol": symbol, "from": "2026-11-26", "to": "2026-11-26", "interval": interval});
+    for (symbol, field) in [
+        ("BIGVOL", "volume"),
+        ("BIGVAL", "value"),
+        ("NEGVAL", "value"),
+    ] {
         for interval in ["5m", "15m", "30m", "1h", "1d"] {
             let reply = ask(&app, "candles", bars(symbol, interval)).await;
             assert_eq!(reply.code(), 400, "{symbol} {interval}: {}", reply.json);
@@ -603,14 +653,19 @@ async fn overflowing_stored_values_are_a_client_error_and_ingest_refuses_them() 
     }
     // The dead letters of one message are published concurrently: any order.
     details.sort();
-    assert!(details[0].contains("field `value` must be at most"), "{details:?}");
-    assert!(details[1].contains("field `volume` must be at most"), "{details:?}");
+    assert!(
+        details[0].contains("field `value` must be at most"),
+        "{details:?}"
+    );
+    assert!(
+        details[1].contains("field `volume` must be at most"),
+        "{details:?}"
+    );
     wait_for(Duration::from_secs(30), "the valid candle", || async {
-        let rows: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM candles_1m WHERE symbol = 'HPG'")
-                .fetch_one(&app.pool)
-                .await
-                .ok()?;
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM candles_1m WHERE symbol = 'HPG'")
+            .fetch_one(&app.pool)
+            .await
+            .ok()?;
         (rows == 1).then_some(())
     })
     .await;
@@ -660,7 +715,10 @@ async fn a_cursor_of_year_one_pages_on_and_extreme_dates_are_400() {
         "to": "0001-01-10", "limit": 5});
     let (rows, _) = fetch_all(&app, "candles", minutes).await;
     assert_eq!(rows.len(), 12);
-    assert_eq!(local(rows[0]["timestamp"].as_str().unwrap()).timestamp(), -62_135_596_800);
+    assert_eq!(
+        local(rows[0]["timestamp"].as_str().unwrap()).timestamp(),
+        -62_135_596_800
+    );
 
     for (field, value) in [
         ("from", "-262000-01-01"),
@@ -677,7 +735,11 @@ async fn a_cursor_of_year_one_pages_on_and_extreme_dates_are_400() {
         for kind in ["candles", "ticks"] {
             let reply = ask(&app, kind, body.clone()).await;
             assert_eq!(reply.code(), 400, "{field}={value}: {}", reply.json);
-            assert!(message(&reply).contains(&format!("`{field}`")), "{}", reply.json);
+            assert!(
+                message(&reply).contains(&format!("`{field}`")),
+                "{}",
+                reply.json
+            );
         }
     }
     let whole = ask(
@@ -713,16 +775,26 @@ async fn bad_or_oversized_requests_are_refused_at_once_while_history_is_saturate
             tokio::spawn(async move { timed(&nats, subject, body.into_bytes()).await })
         })
         .collect();
-    wait_for(Duration::from_secs(10), "2 running and 3 waiting", || async {
-        let running = app.metric("tickvault_history_in_flight", &[]).await;
-        let queued = app.metric("tickvault_history_queue_depth", &[]).await;
-        (running == 2.0 && queued == 3.0).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(10),
+        "2 running and 3 waiting",
+        || async {
+            let running = app.metric("tickvault_history_in_flight", &[]).await;
+            let queued = app.metric("tickvault_history_queue_depth", &[]).await;
+            (running == 2.0 && queued == 3.0).then_some(())
+        },
+    )
     .await;
 
-    let watch_list: Vec<String> = (0..500).map(|i| format!("SYMBOL{i:04}_ABCDEFGHIJKLMNOPQRS")).collect();
+    let watch_list: Vec<String> = (0..500)
+        .map(|i| format!("SYMBOL{i:04}_ABCDEFGHIJKLMNOPQRS"))
+        .collect();
     let latest = json!({"kind": "index", "symbols": watch_list}).to_string();
-    assert!(latest.len() > 16 * 1024 && latest.len() < 64 * 1024, "{}", latest.len());
+    assert!(
+        latest.len() > 16 * 1024 && latest.len() < 64 * 1024,
+        "{}",
+        latest.len()
+    );
     let watch = {
         let (nats, subject) = (app.nats.clone(), subject(&app, "latest"));
         tokio::spawn(async move { timed(&nats, subject, latest.into_bytes()).await })
@@ -742,7 +814,10 @@ async fn bad_or_oversized_requests_are_refused_at_once_while_history_is_saturate
         let (reply, took) = timed(&app.nats, subject(&app, kind), body).await;
         assert_eq!(reply.code(), 400, "{}", reply.json);
         assert!(message(&reply).contains(named), "{}", reply.json);
-        assert!(took < Duration::from_millis(500), "{kind}: refused after {took:?}");
+        assert!(
+            took < Duration::from_millis(500),
+            "{kind}: refused after {took:?}"
+        );
     }
     assert_eq!(
         app.metric("tickvault_history_shed_total", &[("reason", "too_large")])
@@ -760,4 +835,87 @@ async fn bad_or_oversized_requests_are_refused_at_once_while_history_is_saturate
     let (reply, _) = watch.await.unwrap();
     assert_eq!(reply.code(), 200, "{}", reply.json);
     assert_eq!(reply.rows().len(), 0);
+}
+
+// --------------------------------------------------- abandoned connections
+
+async fn backend_pid(tx: &mut tickvault::db::ReadTransaction) -> Result<i32, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut **tx)
+        .await
+}
+
+/// A history read given up by the client while its statement still runs
+/// (here: waiting for a lock) closes its connection: the pool's only slot
+/// is free at once, not when the statement ends. A read that ends, with
+/// rows or with an error from the server, gives its connection back.
+#[tokio::test]
+async fn an_abandoned_read_closes_its_connection_and_a_finished_one_is_reused() {
+    let app = spawn_app(|_| {}).await;
+    let mut config = app.config.database.clone();
+    config.pool_min = 0;
+    config.pool_max = 1;
+    config.statement_timeout_ms = 60_000;
+    let db = tickvault::db::Database::connect_lazy(&config).unwrap();
+
+    // Ended with rows, or with the server's error: the same connection again.
+    let mut tx = db.begin_read().await.unwrap();
+    let first = backend_pid(&mut tx).await.unwrap();
+    tx.end(Ok::<_, sqlx::Error>(())).await.unwrap();
+    let mut tx = db.begin_read().await.unwrap();
+    assert_eq!(backend_pid(&mut tx).await.unwrap(), first);
+    let failed = sqlx::query("SELECT 1/0")
+        .execute(&mut *tx)
+        .await
+        .map(|_| ());
+    assert!(tx.end(failed).await.is_err());
+    let mut tx = db.begin_read().await.unwrap();
+    assert_eq!(
+        backend_pid(&mut tx).await.unwrap(),
+        first,
+        "rolled back, not closed"
+    );
+    tx.end(Ok::<_, sqlx::Error>(())).await.unwrap();
+
+    // Given up while waiting for a lock.
+    let blocker = lock_table(&app.pool, "tick_data").await;
+    let mut tx = db.begin_read().await.unwrap();
+    let abandoned = backend_pid(&mut tx).await.unwrap();
+    let waiting = tokio::time::timeout(
+        Duration::from_millis(300),
+        sqlx::query("SELECT count(*) FROM tick_data").execute(&mut *tx),
+    )
+    .await;
+    assert!(waiting.is_err(), "the statement waits for the lock");
+    drop(tx);
+    let started = Instant::now();
+    let mut tx = tokio::time::timeout(Duration::from_secs(2), db.begin_read())
+        .await
+        .expect("the pool's only slot is free at once")
+        .unwrap();
+    let replacement = backend_pid(&mut tx).await.unwrap();
+    println!(
+        "PRESSURE abandoned read: a fresh connection in {:?}",
+        started.elapsed()
+    );
+    assert_ne!(replacement, abandoned, "a new connection, not the busy one");
+    tx.end(Ok::<_, sqlx::Error>(())).await.unwrap();
+
+    // The abandoned backend ends once its wait does.
+    blocker.commit().await.unwrap();
+    wait_for(
+        Duration::from_secs(10),
+        "the abandoned backend to end",
+        || async {
+            let alive: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
+                    .bind(abandoned)
+                    .fetch_one(&app.pool)
+                    .await
+                    .ok()?;
+            (alive == 0).then_some(())
+        },
+    )
+    .await;
+    db.pool.close().await;
 }
