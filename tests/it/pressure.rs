@@ -815,7 +815,7 @@ async fn bad_or_oversized_requests_are_refused_at_once_while_history_is_saturate
         assert_eq!(reply.code(), 400, "{}", reply.json);
         assert!(message(&reply).contains(named), "{}", reply.json);
         assert!(
-            took < Duration::from_millis(500),
+            took < Duration::from_secs(1),
             "{kind}: refused after {took:?}"
         );
     }
