@@ -5,7 +5,8 @@
 //! - [`request`]: the JSON request parsed and checked into a typed [`request::Query`].
 //! - [`query`]: the parameterised SQL, generic over the record specs, and row → JSON.
 //! - [`cursor`]: the opaque keyset-pagination cursor.
-//! - [`admission`]: the bounded wait queue in front of the service's slots.
+//! - [`admission`]: the waiting budget (requests, bytes) and the wait queue
+//!   (with its deadline) in front of the service's slots.
 //! - [`service`]: the endpoints, admission control (body size, parsing, the
 //!   queue, the database's state), replies cut to the server's max payload,
 //!   errors, metrics.
