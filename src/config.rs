@@ -275,6 +275,17 @@ pub struct HistoryConfig {
     /// Connections of the pool to `history.database_url`: one is kept for
     /// its health check, the others answer requests, one each.
     pub pool_max: u32,
+    /// Largest request body accepted, in bytes; a larger one is a 400 before
+    /// it is parsed. A 500-symbol `latest` request is about 20 KiB.
+    pub max_request_bytes: usize,
+    /// Most requests waiting for a free slot; beyond it a request is a 503.
+    pub max_queued_requests: usize,
+    /// Most request bytes (bodies as received) waiting for a free slot;
+    /// beyond it a request is a 503.
+    pub max_queued_bytes: usize,
+    /// Milliseconds a request may wait for a free slot: one that waited
+    /// longer is answered 503 and never run.
+    pub queue_deadline_ms: u64,
 }
 
 impl Default for HistoryConfig {
@@ -283,7 +294,17 @@ impl Default for HistoryConfig {
             subject_prefix: "history".into(),
             database_url: None,
             pool_max: 6,
+            max_request_bytes: 64 * 1024,
+            max_queued_requests: 256,
+            max_queued_bytes: 8 * 1024 * 1024,
+            queue_deadline_ms: 3_000,
         }
+    }
+}
+
+impl HistoryConfig {
+    pub fn queue_deadline(&self) -> Duration {
+        Duration::from_millis(self.queue_deadline_ms)
     }
 }
 
@@ -407,6 +428,7 @@ impl Config {
         }
         validate_nats(&self.nats)?;
         let ingest = &self.ingest;
+        let history = &self.history;
         for (key, value) in [
             ("ingest.stream", &ingest.stream),
             ("ingest.subject_prefix", &ingest.subject_prefix),
@@ -431,6 +453,16 @@ impl Config {
             ("ingest.max_message_bytes", ingest.max_message_bytes as u64),
             ("ingest.ack_wait_secs", ingest.ack_wait_secs),
             ("ingest.fetch_batch", ingest.fetch_batch as u64),
+            (
+                "history.max_request_bytes",
+                history.max_request_bytes as u64,
+            ),
+            (
+                "history.max_queued_requests",
+                history.max_queued_requests as u64,
+            ),
+            ("history.max_queued_bytes", history.max_queued_bytes as u64),
+            ("history.queue_deadline_ms", history.queue_deadline_ms),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -456,6 +488,21 @@ impl Config {
                 ingest.max_message_bytes,
                 64 * 1024 * 1024,
             ),
+            (
+                "history.max_request_bytes",
+                history.max_request_bytes,
+                64 * 1024 * 1024,
+            ),
+            (
+                "history.max_queued_requests",
+                history.max_queued_requests,
+                1_000_000,
+            ),
+            (
+                "history.max_queued_bytes",
+                history.max_queued_bytes,
+                1024 * 1024 * 1024,
+            ),
         ];
         for (key, value, max) in bounded {
             if value > max {
@@ -475,6 +522,12 @@ impl Config {
             return Err(invalid(
                 "ingest.max_batch_rows",
                 "must be at least ingest.batch_size",
+            ));
+        }
+        if history.max_queued_bytes < history.max_request_bytes {
+            return Err(invalid(
+                "history.max_queued_bytes",
+                "must be at least history.max_request_bytes, or a request of the largest size could never wait for a slot",
             ));
         }
         if ingest.queue_capacity < ingest.max_records_per_message {
@@ -751,6 +804,8 @@ mod tests {
             assert_eq!(config.ingest.queue_capacity, 10_000);
             assert_eq!(config.ingest.max_records_per_message, 1000);
             assert_eq!(config.history.subject_prefix, "history");
+            assert_eq!(config.history.max_request_bytes, 65_536);
+            assert_eq!(config.history.queue_deadline_ms, 3_000);
             assert_eq!(config.http.addr.to_string(), "0.0.0.0:9464");
             assert_eq!(config.log.format, LogFormat::Pretty);
             assert_eq!(config.database.sslmode, None, "the URL's, else prefer");
@@ -1056,6 +1111,21 @@ mod tests {
                 "database.url",
             ),
             ("TICKVAULT_HISTORY__POOL_MAX", "1", "history.pool_max"),
+            (
+                "TICKVAULT_HISTORY__QUEUE_DEADLINE_MS",
+                "0",
+                "history.queue_deadline_ms",
+            ),
+            (
+                "TICKVAULT_HISTORY__MAX_QUEUED_BYTES",
+                "1000",
+                "history.max_queued_bytes",
+            ),
+            (
+                "TICKVAULT_HISTORY__MAX_QUEUED_REQUESTS",
+                "0",
+                "history.max_queued_requests",
+            ),
         ];
         for (name, value, key) in cases {
             let message = error_with_env(name, value);

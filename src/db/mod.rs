@@ -15,8 +15,9 @@ pub use timescale::{Storage, TimescaleError};
 use std::str::FromStr;
 use std::time::Duration;
 
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
-use sqlx::{ConnectOptions, Connection, PgPool, Postgres, Transaction};
+use sqlx::{ConnectOptions, Connection, Executor as _, PgConnection, PgPool, Postgres};
 
 use crate::config::{DatabaseConfig, SslMode};
 use crate::ops::metrics::DbFailureKind;
@@ -304,15 +305,85 @@ impl Database {
     /// A read-only transaction whose statements PostgreSQL itself cancels
     /// after `database.statement_timeout_ms` (and whose lock waits end as
     /// soon): a slow history query ends on the server, not only in the
-    /// client, and its connection returns to the pool clean.
-    pub async fn begin_read(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    /// client. See [`ReadTransaction`] for how its connection goes back.
+    pub async fn begin_read(&self) -> Result<ReadTransaction, sqlx::Error> {
+        let mut read = ReadTransaction {
+            conn: Some(self.pool.acquire().await?),
+            ended: false,
+        };
         // One round trip; the value is a number from the configuration.
         let limit = millis(self.config.statement_timeout());
-        self.pool
-            .begin_with(format!(
-                "BEGIN READ ONLY; SET LOCAL statement_timeout = '{limit}'; SET LOCAL lock_timeout = '{limit}'"
-            ))
-            .await
+        let begin = format!(
+            "BEGIN READ ONLY; SET LOCAL statement_timeout = '{limit}'; SET LOCAL lock_timeout = '{limit}'"
+        );
+        // Without arguments: the simple protocol, which takes several statements.
+        read.execute(begin.as_str()).await?;
+        Ok(read)
+    }
+}
+
+/// How long ending a read transaction after an error may take before its
+/// connection is closed instead.
+const ROLLBACK_BOUND: Duration = Duration::from_secs(1);
+
+/// A history read on a connection held explicitly. It goes back to the pool
+/// only once [`end`](ReadTransaction::end) committed or rolled it back. A
+/// read dropped before that (a client-side timeout, an abandoned request,
+/// shutdown) may still have a statement running: its connection is taken
+/// out of the pool and its socket closed at once, so the pool's slot is
+/// free for a fresh connection. (A graceful close would wait for the busy
+/// server over TLS; the server ends that backend when its statement ends,
+/// at the latest after `database.statement_timeout_ms`.)
+pub struct ReadTransaction {
+    /// Always `Some` until dropped.
+    conn: Option<PoolConnection<Postgres>>,
+    ended: bool,
+}
+
+impl ReadTransaction {
+    /// Commits after `result` succeeded; otherwise rolls back (within 1 s,
+    /// else the connection is closed) and returns `result`'s error.
+    pub async fn end<T, E: From<sqlx::Error>>(mut self, result: Result<T, E>) -> Result<T, E> {
+        match result {
+            Ok(value) => {
+                self.execute("COMMIT").await?;
+                self.ended = true;
+                Ok(value)
+            }
+            Err(error) => {
+                let rollback = self.execute("ROLLBACK");
+                self.ended = matches!(
+                    tokio::time::timeout(ROLLBACK_BOUND, rollback).await,
+                    Ok(Ok(_))
+                );
+                Err(error)
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for ReadTransaction {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        self.conn.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for ReadTransaction {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.conn.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for ReadTransaction {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if !self.ended {
+                // Dropping the detached connection closes its socket.
+                drop(conn.detach());
+            }
+        }
     }
 }
 

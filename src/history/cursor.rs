@@ -7,7 +7,7 @@ use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::request::{Interval, Order};
+use super::request::{in_supported_range, Interval, Order};
 
 /// Version of the cursor layout; a cursor of another version is refused.
 const VERSION: u8 = 1;
@@ -73,11 +73,10 @@ impl Cursor {
         if wire.v != VERSION {
             return Err(CursorError("was issued by another version of the service"));
         }
-        // Years 1 to 9999: room for a bucket width either side, and what PostgreSQL stores.
-        const MIN_MICROS: i64 = -62_135_596_800_000_000;
-        const MAX_MICROS: i64 = 253_402_300_799_999_999;
+        // The instants a request's bounds may name: every row and bar the
+        // service returns (so every cursor it issues) lies within them.
         let timestamp = DateTime::from_timestamp_micros(wire.t)
-            .filter(|_| (MIN_MICROS..=MAX_MICROS).contains(&wire.t))
+            .filter(|_| in_supported_range(wire.t))
             .ok_or(CursorError("holds an invalid timestamp"))?;
         Ok(Cursor {
             kind: wire.k,
@@ -93,6 +92,7 @@ impl Cursor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::history::request::{EARLIEST_MICROS, LATEST_MICROS};
 
     fn sample(seq: Option<i64>) -> Cursor {
         Cursor {
@@ -109,7 +109,20 @@ mod tests {
     fn a_cursor_round_trips() {
         let mut last_second = sample(None);
         last_second.timestamp = DateTime::from_timestamp_micros(253_402_300_799_999_999).unwrap();
-        for cursor in [sample(Some(42)), sample(None), sample(Some(0)), last_second] {
+        // The first 1d bar of year 1 starts on 0000-12-31 in UTC.
+        let mut first_bar = sample(None);
+        first_bar.interval = Interval::D1;
+        first_bar.timestamp = DateTime::from_timestamp_micros(EARLIEST_MICROS).unwrap();
+        let mut latest = sample(None);
+        latest.timestamp = DateTime::from_timestamp_micros(LATEST_MICROS).unwrap();
+        for cursor in [
+            sample(Some(42)),
+            sample(None),
+            sample(Some(0)),
+            last_second,
+            first_bar,
+            latest,
+        ] {
             let text = cursor.encode();
             assert!(text.len() < 200, "{text}");
             assert!(text
@@ -132,10 +145,15 @@ mod tests {
         ));
         let far_future = URL_SAFE_NO_PAD.encode(format!(
             r#"{{"v":1,"k":"candles","s":"FPT","o":"asc","i":"1d","t":{}}}"#,
-            253_402_300_800_000_000i64
+            LATEST_MICROS + 1
+        ));
+        let far_past = URL_SAFE_NO_PAD.encode(format!(
+            r#"{{"v":1,"k":"candles","s":"FPT","o":"asc","i":"1d","t":{}}}"#,
+            EARLIEST_MICROS - 1
         ));
         for bad in [
             &far_future,
+            &far_past,
             "",
             "!!!",
             "eyJ2Ijox",

@@ -35,9 +35,71 @@ const CANDLE_AGGREGATES: &[(&str, &str)] = &[
         "close",
         "(array_agg(\"close\" ORDER BY \"timestamp\" DESC))[1]",
     ),
-    ("volume", "sum(\"volume\")::BIGINT"),
-    ("value", "sum(\"value\")"),
+    ("volume", VOLUME_SUM),
+    ("value", VALUE_SUM),
 ];
+
+/// Sums never fail, whatever is stored: `volume` is summed by PostgreSQL in
+/// numeric (the sum of BIGINT) and cast back only when it fits.
+const VOLUME_SUM: &str =
+    "CASE WHEN sum(\"volume\") BETWEEN -9223372036854775808 AND 9223372036854775807 \
+     THEN sum(\"volume\")::BIGINT END";
+/// `value`: minutes under 1e290 in magnitude are summed in float8, which
+/// cannot overflow (that would take over 10^18 of them); larger ones in
+/// numeric, and the total is
+/// turned back into float8 when it fits. The common case costs a float sum.
+const VALUE_SUM: &str = "CASE WHEN sum(\"value\"::numeric) FILTER (WHERE NOT abs(\"value\") < 1e290) IS NULL \
+     THEN sum(\"value\") FILTER (WHERE abs(\"value\") < 1e290) \
+     WHEN abs(coalesce((sum(\"value\") FILTER (WHERE abs(\"value\") < 1e290))::numeric, 0) \
+     + sum(\"value\"::numeric) FILTER (WHERE NOT abs(\"value\") < 1e290)) <= 1.7976931348623157e308 \
+     THEN (coalesce((sum(\"value\") FILTER (WHERE abs(\"value\") < 1e290))::numeric, 0) \
+     + sum(\"value\"::numeric) FILTER (WHERE NOT abs(\"value\") < 1e290))::float8 END";
+
+/// A bar column whose sum may not fit: its name, the SQL that is true when
+/// it does not, and that range in words. Each is an extra column
+/// `out_of_range_<name>` of an aggregated query.
+const CANDLE_RANGE_CHECKS: &[(&str, &str, &str)] = &[
+    (
+        "volume",
+        "NOT sum(\"volume\") BETWEEN -9223372036854775808 AND 9223372036854775807",
+        "a BIGINT (at most 9223372036854775807)",
+    ),
+    (
+        "value",
+        "sum(\"value\"::numeric) FILTER (WHERE NOT abs(\"value\") < 1e290) IS NOT NULL \
+         AND NOT abs(coalesce((sum(\"value\") FILTER (WHERE abs(\"value\") < 1e290))::numeric, 0) \
+         + sum(\"value\"::numeric) FILTER (WHERE NOT abs(\"value\") < 1e290)) <= 1.7976931348623157e308",
+        "a DOUBLE PRECISION (at most 1.7976931348623157e308)",
+    ),
+];
+
+/// A bar whose sum of `field` does not fit its column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutOfRange {
+    pub field: &'static str,
+    /// The column's range, in words.
+    pub range: &'static str,
+    /// The bar's start.
+    pub bar: DateTime<Utc>,
+}
+
+/// The first sum of an aggregated `row` that did not fit its column.
+pub fn out_of_range(query: &Query, row: &PgRow) -> Result<Option<OutOfRange>, sqlx::Error> {
+    if !query.aggregated() {
+        return Ok(None);
+    }
+    for (field, _, range) in CANDLE_RANGE_CHECKS {
+        let flagged: Option<bool> = row.try_get(format!("out_of_range_{field}").as_str())?;
+        if flagged == Some(true) {
+            return Ok(Some(OutOfRange {
+                field,
+                range,
+                bar: row.try_get("timestamp")?,
+            }));
+        }
+    }
+    Ok(None)
+}
 
 /// The origin buckets are aligned to: a midnight in the market time zone,
 /// so `1d` bars are market days and `1h` bars start on local hours.
@@ -93,6 +155,11 @@ pub fn build(query: &Query, fetch: i64) -> Result<(String, PgArguments), sqlx::E
                     .map_or("NULL", |(_, expr)| *expr);
                 format!("{expr} AS {}", quote(f.name))
             })
+            .chain(
+                CANDLE_RANGE_CHECKS
+                    .iter()
+                    .map(|(name, check, _)| format!("({check}) AS \"out_of_range_{name}\"")),
+            )
             .collect::<Vec<_>>()
             .join(", ");
         // Buckets are aligned, so "after bucket B" is a bound on the 1-minute rows.
@@ -360,6 +427,9 @@ mod tests {
     #[test]
     fn every_candle_column_has_an_aggregate() {
         let spec = RecordType::Candle.spec();
+        for (name, _, _) in CANDLE_RANGE_CHECKS {
+            assert!(spec.fields.iter().any(|f| f.name == *name), "{name}");
+        }
         for field in spec.fields {
             assert!(
                 CANDLE_AGGREGATES

@@ -2,7 +2,7 @@
 //! [`Query`] (a range), [`LatestQuery`] or [`SymbolsQuery`]. Every refusal is
 //! a [`HistoryError::BadRequest`] naming the field.
 
-use chrono::{DateTime, Days, FixedOffset, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, Datelike, Days, FixedOffset, NaiveDate, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
 
@@ -18,6 +18,13 @@ pub const MAX_LIMIT: u32 = 50_000;
 pub const MAX_SYMBOLS: usize = 500;
 /// The market time zone, Asia/Ho_Chi_Minh: UTC+7 all year (no DST).
 pub const MARKET_OFFSET_SECS: i32 = 7 * 3600;
+/// The earliest instant a bound (or a cursor) may name, in epoch
+/// microseconds: the start of market day 0001-01-01 (0000-12-31T17:00:00Z).
+/// Every bar the service builds from there starts at or after it.
+pub const EARLIEST_MICROS: i64 = -62_135_596_800_000_000 - MARKET_OFFSET_SECS as i64 * 1_000_000;
+/// The latest instant a bound (or a cursor) may name: 10000-01-01T00:00:00Z,
+/// just after the last instant ingest stores (year 9999, UTC).
+pub const LATEST_MICROS: i64 = 253_402_300_800_000_000;
 
 pub fn market_offset() -> FixedOffset {
     FixedOffset::east_opt(MARKET_OFFSET_SECS).expect("UTC+7 is a valid offset")
@@ -374,17 +381,28 @@ struct Bound {
     is_date: bool,
 }
 
+/// Whether an instant (epoch microseconds) is one a bound or a cursor may name.
+pub fn in_supported_range(micros: i64) -> bool {
+    (EARLIEST_MICROS..=LATEST_MICROS).contains(&micros)
+}
+
+/// A date of years 0001 to 9999 (market time), or an RFC 3339 timestamp
+/// from the start of market day 0001-01-01 to the end of year 9999 (UTC):
+/// the instants PostgreSQL and chrono both hold, and all ingest stores.
 fn parse_bound(text: &str, field: &str) -> Result<Bound, HistoryError> {
     let text = text.trim();
     let invalid = || {
         bad(format!(
-            "field `{field}` must be a date YYYY-MM-DD (market time, UTC+7) or an RFC 3339 timestamp"
+            "field `{field}` must be a date YYYY-MM-DD (market time, UTC+7) or an RFC 3339 timestamp, in the years 0001 to 9999"
         ))
     };
     if text.len() > 64 {
         return Err(invalid());
     }
     if let Ok(date) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        if !(1..=9999).contains(&date.year()) {
+            return Err(invalid());
+        }
         let start = local_midnight(date).ok_or_else(invalid)?;
         let end = date
             .checked_add_days(Days::new(1))
@@ -396,15 +414,14 @@ fn parse_bound(text: &str, field: &str) -> Result<Bound, HistoryError> {
             is_date: true,
         });
     }
-    let ts = DateTime::parse_from_rfc3339(text)
+    let micros = DateTime::parse_from_rfc3339(text)
         .map_err(|_| invalid())?
-        .with_timezone(&Utc);
-    // PostgreSQL keeps microseconds and years 4713 BC to 294276 AD; stay in 4 digits.
-    let year = ts.format("%Y").to_string();
-    if year.len() > 4 || year.starts_with('-') {
+        .timestamp_micros();
+    if !in_supported_range(micros) {
         return Err(invalid());
     }
-    let ts = DateTime::from_timestamp_micros(ts.timestamp_micros()).ok_or_else(invalid)?;
+    // PostgreSQL keeps microseconds.
+    let ts = DateTime::from_timestamp_micros(micros).ok_or_else(invalid)?;
     Ok(Bound {
         start: ts,
         end: ts,
@@ -556,6 +573,39 @@ mod tests {
         for body in [&b"not json"[..], b"[1,2]", b"\"FPT\"", b"", b"{"] {
             let m = message(parse(RecordType::Tick, body));
             assert!(m.contains("JSON object"), "{m}");
+        }
+    }
+
+    #[test]
+    fn bounds_stay_in_the_years_1_to_9999() {
+        let with = |from: &str, to: &str| {
+            parse_json(
+                RecordType::Candle,
+                json!({"symbol": "FPT", "from": from, "to": to}),
+            )
+        };
+        let first = with("0001-01-01", "0001-01-01").unwrap();
+        assert_eq!(first.from.timestamp_micros(), EARLIEST_MICROS);
+        assert_eq!(first.from, utc("0000-12-31T17:00:00Z"));
+        assert!(with("0001-01-01T00:00:00+07:00", "0001-01-02").is_ok());
+        let last = with("9999-12-31", "9999-12-31T23:59:59.999999Z").unwrap();
+        assert_eq!(last.to, utc("9999-12-31T23:59:59.999999Z"));
+        assert!(with("9999-12-31", "9999-12-31").is_ok());
+        for (from, to, named) in [
+            ("-262000-01-01", "2026-11-26", "`from`"),
+            ("0000-01-01", "2026-11-26", "`from`"),
+            ("0000-12-31", "2026-11-26", "`from`"),
+            ("0000-12-31T16:59:59.999999Z", "2026-11-26", "`from`"),
+            ("-0001-01-01T00:00:00Z", "2026-11-26", "`from`"),
+            ("2026-11-26", "10000-01-01", "`to`"),
+            ("2026-11-26", "+10000-01-01", "`to`"),
+            ("2026-11-26", "10000-01-01T00:00:00.000001Z", "`to`"),
+            ("2026-11-26", "+262143-12-31", "`to`"),
+            ("2026-11-26", "9999-12-31T23:00:00-12:00", "`to`"),
+        ] {
+            let m = message(with(from, to));
+            assert!(m.contains(named), "{from} {to}: {m}");
+            assert!(m.contains("0001 to 9999"), "{m}");
         }
     }
 

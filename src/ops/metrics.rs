@@ -5,11 +5,12 @@
 //! (record type names, reject reasons, flush triggers), never raw error text.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::db::{DbRole, Failure};
@@ -114,6 +115,48 @@ struct DbHealth {
     name: &'static str,
 }
 
+/// Why the history service refused a request without running it: the
+/// `reason` label of `tickvault_history_shed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShedReason {
+    /// The body is over `history.max_request_bytes` (answered 400).
+    TooLarge,
+    /// The wait queue is at `history.max_queued_requests` or `max_queued_bytes` (503).
+    QueueFull,
+    /// The database is known to be down (503).
+    DatabaseDown,
+}
+
+impl ShedReason {
+    pub const ALL: [ShedReason; 3] = [
+        ShedReason::TooLarge,
+        ShedReason::QueueFull,
+        ShedReason::DatabaseDown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShedReason::TooLarge => "too_large",
+            ShedReason::QueueFull => "queue_full",
+            ShedReason::DatabaseDown => "database_down",
+        }
+    }
+}
+
+/// A history request being run: counted in `tickvault_history_in_flight`
+/// until dropped.
+pub struct InFlight(IntGauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Refusals are logged at warn at most this often (each one at debug):
+/// under an overload they come by the thousand.
+const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// The series one type's intake updates for every message.
 #[derive(Clone)]
 pub struct IntakeMetrics {
@@ -170,6 +213,13 @@ pub struct Metrics {
     nats_connected: IntGauge,
     history_requests: IntCounterVec,
     history_duration: HistogramVec,
+    history_shed: IntCounterVec,
+    history_expired: IntCounter,
+    history_queue_wait: Histogram,
+    history_in_flight: IntGauge,
+    history_queue_depth: IntGauge,
+    /// When a history refusal was last logged at warn.
+    refusal_warned: Mutex<Option<Instant>>,
     consumer_pending: IntGaugeVec,
 }
 
@@ -315,8 +365,49 @@ impl Metrics {
                 "tickvault_history_duration_seconds",
                 "Time to answer one history request",
                 "kind",
-                latency_buckets,
+                latency_buckets.clone(),
             ),
+            history_shed: counter(
+                "tickvault_history_shed_total",
+                "History requests refused on arrival without running them",
+                &["reason"],
+            ),
+            history_expired: register(
+                &registry,
+                IntCounter::new(
+                    "tickvault_history_expired_total",
+                    "History requests that waited past history.queue_deadline_ms and were not run",
+                )
+                .expect("valid metric"),
+            ),
+            history_queue_wait: register(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "tickvault_history_queue_wait_seconds",
+                        "Time a history request waited for a free slot before it ran (its count: requests run)",
+                    )
+                    .buckets(latency_buckets.clone()),
+                )
+                .expect("valid metric"),
+            ),
+            history_in_flight: register(
+                &registry,
+                IntGauge::new(
+                    "tickvault_history_in_flight",
+                    "History requests running now",
+                )
+                .expect("valid metric"),
+            ),
+            history_queue_depth: register(
+                &registry,
+                IntGauge::new(
+                    "tickvault_history_queue_depth",
+                    "History requests waiting for a free slot",
+                )
+                .expect("valid metric"),
+            ),
+            refusal_warned: Mutex::new(None),
             consumer_pending: gauge(
                 "tickvault_consumer_pending",
                 "JetStream messages not yet delivered to tickvault",
@@ -324,6 +415,9 @@ impl Metrics {
             ),
             registry,
         };
+        for reason in ShedReason::ALL {
+            metrics.history_shed.with_label_values(&[reason.as_str()]);
+        }
         // Every series exists from the start, so dashboards show 0, not "no data".
         for kind in DbFailureKind::ALL {
             metrics
@@ -626,6 +720,73 @@ impl Metrics {
         self.history_duration
             .with_label_values(&[kind])
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// A history request refused on arrival, without running it.
+    pub fn history_shed(&self, reason: ShedReason, kind: &str) {
+        let total = self.history_shed.with_label_values(&[reason.as_str()]);
+        total.inc();
+        let why = match reason {
+            ShedReason::TooLarge => "its body is over history.max_request_bytes",
+            ShedReason::QueueFull => "the wait queue is full",
+            ShedReason::DatabaseDown => "the database is down",
+        };
+        if self.refusal_due() {
+            tracing::warn!(
+                reason = reason.as_str(),
+                kind,
+                total = total.get(),
+                "history request refused: {why} (logged at most every 10 s)"
+            );
+        } else {
+            tracing::debug!(reason = reason.as_str(), kind, "history request refused");
+        }
+    }
+
+    /// A history request that waited past the queue deadline: answered 503, not run.
+    pub fn history_expired(&self, kind: &str, waited: Duration) {
+        self.history_expired.inc();
+        let waited_ms = waited.as_millis() as u64;
+        if self.refusal_due() {
+            tracing::warn!(
+                kind,
+                waited_ms,
+                total = self.history_expired.get(),
+                "history request expired in the queue without running: the service is overloaded (logged at most every 10 s)"
+            );
+        } else {
+            tracing::debug!(kind, waited_ms, "history request expired in the queue");
+        }
+    }
+
+    /// A history request leaves the queue to run; it counts as in flight
+    /// until the returned guard is dropped.
+    pub fn history_started(&self, waited: Duration) -> InFlight {
+        tracing::trace!(
+            waited_ms = waited.as_millis() as u64,
+            "history request started"
+        );
+        self.history_queue_wait.observe(waited.as_secs_f64());
+        self.history_in_flight.inc();
+        InFlight(self.history_in_flight.clone())
+    }
+
+    /// The history wait queue's length changed.
+    pub fn history_queued(&self, waiting: usize) {
+        self.history_queue_depth.set(waiting as i64);
+    }
+
+    /// Whether a refusal should be logged at warn now (at most every 10 s).
+    fn refusal_due(&self) -> bool {
+        let mut last = self
+            .refusal_warned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let due = last.is_none_or(|at| at.elapsed() >= REFUSAL_WARN_EVERY);
+        if due {
+            *last = Some(Instant::now());
+        }
+        due
     }
 
     /// A type's totals, for the periodic summary.

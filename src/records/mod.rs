@@ -37,6 +37,8 @@ pub struct Field {
     pub name: &'static str,
     pub ty: FieldType,
     pub required: bool,
+    /// The largest magnitude accepted, beyond the type's rule (`None`: any).
+    pub max: Option<f64>,
 }
 
 const fn req(name: &'static str, ty: FieldType) -> Field {
@@ -44,6 +46,7 @@ const fn req(name: &'static str, ty: FieldType) -> Field {
         name,
         ty,
         required: true,
+        max: None,
     }
 }
 
@@ -52,6 +55,38 @@ const fn opt(name: &'static str, ty: FieldType) -> Field {
         name,
         ty,
         required: false,
+        max: None,
+    }
+}
+
+/// The largest volume, share count or contract count accepted: 10^15, over
+/// 100,000 times the shares of the largest listed company, and small enough
+/// that a whole day of 1-minute candles at this bound (1.44e18) sums within
+/// a BIGINT (9.2e18).
+pub const MAX_QUANTITY: f64 = 1e15;
+
+impl Field {
+    /// The same field, refusing magnitudes above `max`.
+    const fn at_most(self, max: f64) -> Field {
+        Field {
+            max: Some(max),
+            ..self
+        }
+    }
+
+    /// Parses a present, non-null value with the field's rule and bound.
+    fn parse(&self, json: &Json) -> Result<Value, Reject> {
+        let value = self.ty.parse(self.name, json)?;
+        match (self.max, value.as_f64()) {
+            (Some(max), Some(v)) if v.abs() > max => Err(Reject::new(
+                RejectReason::InvalidValue,
+                format!(
+                    "field `{}` must be at most {max:e} in magnitude, the bound that keeps stored values aggregatable",
+                    self.name
+                ),
+            )),
+            _ => Ok(value),
+        }
     }
 }
 
@@ -101,7 +136,7 @@ const TICK: RecordSpec = RecordSpec {
         req("symbol", Symbol),
         req("timestamp", Timestamp),
         req("price", Positive),
-        req("volume", PositiveInt),
+        req("volume", PositiveInt).at_most(MAX_QUANTITY),
         req("side", Side),
         req("seq", NonNegativeInt),
     ],
@@ -122,7 +157,7 @@ const CANDLE: RecordSpec = RecordSpec {
         req("high", Positive),
         req("low", Positive),
         req("close", Positive),
-        req("volume", NonNegativeInt),
+        req("volume", NonNegativeInt).at_most(MAX_QUANTITY),
         opt("value", NonNegative),
     ],
     key: &["symbol", "timestamp"],
@@ -138,11 +173,11 @@ const FOREIGN: RecordSpec = RecordSpec {
     fields: &[
         req("symbol", Symbol),
         req("timestamp", Timestamp),
-        req("buy_volume", NonNegativeInt),
-        req("sell_volume", NonNegativeInt),
+        req("buy_volume", NonNegativeInt).at_most(MAX_QUANTITY),
+        req("sell_volume", NonNegativeInt).at_most(MAX_QUANTITY),
         req("buy_value", NonNegative),
         req("sell_value", NonNegative),
-        opt("room", NonNegativeInt),
+        opt("room", NonNegativeInt).at_most(MAX_QUANTITY),
     ],
     key: &["symbol", "timestamp"],
     chunk_interval: "7 days",
@@ -160,11 +195,11 @@ const INDEX: RecordSpec = RecordSpec {
         req("value", Positive),
         req("change", Finite),
         req("change_pct", Finite),
-        req("volume", NonNegativeInt),
+        req("volume", NonNegativeInt).at_most(MAX_QUANTITY),
         req("traded_value", NonNegative),
-        opt("advances", NonNegativeInt),
-        opt("declines", NonNegativeInt),
-        opt("unchanged", NonNegativeInt),
+        opt("advances", NonNegativeInt).at_most(MAX_QUANTITY),
+        opt("declines", NonNegativeInt).at_most(MAX_QUANTITY),
+        opt("unchanged", NonNegativeInt).at_most(MAX_QUANTITY),
     ],
     key: &["index_name", "timestamp"],
     chunk_interval: "7 days",
@@ -181,8 +216,8 @@ const DERIV: RecordSpec = RecordSpec {
         req("timestamp", Timestamp),
         req("price", Positive),
         req("basis", Finite),
-        req("open_interest", NonNegativeInt),
-        req("volume", NonNegativeInt),
+        req("open_interest", NonNegativeInt).at_most(MAX_QUANTITY),
+        req("volume", NonNegativeInt).at_most(MAX_QUANTITY),
     ],
     key: &["contract", "timestamp"],
     chunk_interval: "7 days",
@@ -263,7 +298,7 @@ impl RecordSpec {
                     ))
                 }
                 None | Some(Json::Null) => Value::Null,
-                Some(json) => field.ty.parse(field.name, json)?,
+                Some(json) => field.parse(json)?,
             };
             row.push(value);
         }
@@ -324,6 +359,44 @@ mod tests {
             let reject = CANDLE.parse_record(&record).unwrap_err();
             assert_eq!(reject.reason, reason, "{field}={value}: {}", reject.detail);
         }
+        // Floats are any finite double (stored bit for bit); quantities are bounded.
+        let at_bounds = CANDLE.parse_record(&json!({"symbol": "FPT", "timestamp": 0,
+            "open": 1e308, "high": 1.7976931348623157e308, "low": 1e308, "close": 1e308,
+            "volume": 1_000_000_000_000_000i64, "value": 1.7976931348623157e308}));
+        assert!(at_bounds.is_ok(), "{at_bounds:?}");
+        let too_big = [
+            ("volume", json!(1_000_000_000_000_001i64)),
+            ("volume", json!(i64::MAX)),
+        ];
+        for (field, value) in too_big {
+            let mut record = base.clone();
+            record[field] = value.clone();
+            let reject = CANDLE.parse_record(&record).unwrap_err();
+            assert_eq!(reject.reason, RejectReason::InvalidValue, "{field}={value}");
+            assert!(
+                reject
+                    .detail
+                    .contains(&format!("field `{field}` must be at most")),
+                "{field}={value}: {}",
+                reject.detail
+            );
+        }
+        let huge_open_interest = DERIV
+            .parse_record(
+                &json!({"contract": "VN30F2412", "timestamp": 0, "price": 1300,
+                "basis": -2e18, "open_interest": 2e15, "volume": 1}),
+            )
+            .unwrap_err();
+        assert!(
+            huge_open_interest.detail.contains("`open_interest`"),
+            "{}",
+            huge_open_interest.detail
+        );
+        // A feed's trade sequence is an identifier, not a quantity: any i64.
+        assert!(TICK
+            .parse_record(&json!({"symbol": "FPT", "timestamp": 0, "price": 1,
+                "volume": 1, "side": "buy", "seq": i64::MAX}))
+            .is_ok());
         let optional_missing = INDEX
             .parse_record(&json!({"index_name": "vn30",
             "timestamp": 0, "value": 1300.5, "change": -2, "change_pct": -0.15,

@@ -14,6 +14,7 @@ mod ingest;
 mod latest;
 mod lifecycle;
 mod migrations;
+mod pressure;
 mod progress;
 mod run_local;
 mod secure;
