@@ -225,6 +225,10 @@ pub struct IngestConfig {
     pub stream_max_age_secs: u64,
     /// Largest size of the stream in bytes (-1 = no limit). Used only when tickvault creates the stream.
     pub stream_max_bytes: i64,
+    /// Milliseconds between two readings of each type's consumer state
+    /// (pending, ack-pending, oldest unacknowledged message) for the lag
+    /// metrics; off the delivery path, so they move during a stall too.
+    pub lag_interval_ms: u64,
 }
 
 impl Default for IngestConfig {
@@ -243,6 +247,7 @@ impl Default for IngestConfig {
             fetch_batch: 500,
             stream_max_age_secs: 7 * 24 * 3600,
             stream_max_bytes: -1,
+            lag_interval_ms: 5_000,
         }
     }
 }
@@ -254,6 +259,10 @@ impl IngestConfig {
 
     pub fn ack_wait(&self) -> Duration {
         Duration::from_secs(self.ack_wait_secs)
+    }
+
+    pub fn lag_interval(&self) -> Duration {
+        Duration::from_millis(self.lag_interval_ms)
     }
 }
 
@@ -411,6 +420,7 @@ impl Config {
             ("ingest.max_message_bytes", ingest.max_message_bytes as u64),
             ("ingest.ack_wait_secs", ingest.ack_wait_secs),
             ("ingest.fetch_batch", ingest.fetch_batch as u64),
+            ("ingest.lag_interval_ms", ingest.lag_interval_ms),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -422,6 +432,11 @@ impl Config {
             ("ingest.queue_capacity", ingest.queue_capacity, 10_000_000),
             ("ingest.max_batch_rows", ingest.max_batch_rows, 1_000_000),
             ("ingest.fetch_batch", ingest.fetch_batch, 10_000),
+            (
+                "ingest.lag_interval_ms",
+                ingest.lag_interval_ms as usize,
+                3_600_000,
+            ),
             (
                 "ingest.max_message_bytes",
                 ingest.max_message_bytes,
