@@ -13,6 +13,7 @@ mod ingest;
 mod latest;
 mod lifecycle;
 mod migrations;
+mod ops;
 mod progress;
 mod run_local;
 mod secure;
