@@ -750,3 +750,247 @@ async fn every_market_dashboard_query_runs_on_the_contract_tables_through_their_
         .unwrap();
     assert_eq!(bars.len(), 60, "300 minutes in 5-minute bars");
 }
+
+fn compose() -> serde_yaml::Value {
+    yaml("docker-compose.prod.yml")
+}
+
+/// `${NAME:-default}` → default (what Compose uses when `.env` does not set it).
+fn with_defaults(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("${") {
+        out.push_str(&rest[..at]);
+        let end = rest[at..].find('}').expect("a closed ${") + at;
+        let inner = &rest[at + 2..end];
+        out.push_str(inner.split_once(":-").map_or("", |(_, default)| default));
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Runs deploy/make-secrets into a fresh directory.
+fn make_secrets(extra_san: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let status = Command::new(repo("deploy/make-secrets"))
+        .arg(dir.path().join("secrets"))
+        .env("CERT_EXTRA_SAN", extra_san)
+        .stdout(Stdio::null())
+        .status()
+        .expect("deploy/make-secrets runs (needs openssl)");
+    assert!(status.success());
+    dir
+}
+
+#[test]
+fn the_production_compose_pins_images_checks_health_and_keeps_secrets_in_files() {
+    let compose = compose();
+    let services = compose["services"].as_mapping().unwrap();
+    let names: Vec<&str> = services.keys().map(|k| k.as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["timescaledb", "nats", "tickvault", "prometheus", "grafana"]
+    );
+    let text = read("docker-compose.prod.yml");
+    for (name, service) in services {
+        let name = name.as_str().unwrap();
+        let image = with_defaults(service["image"].as_str().expect("an image"));
+        let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or("latest");
+        let version = tag.trim_start_matches('v');
+        assert!(
+            version
+                .split(['-', '.'])
+                .take(3)
+                .all(|p| p.parse::<u32>().is_ok())
+                && version.matches('.').count() >= 2,
+            "{name}: {image} is pinned to an exact version"
+        );
+        let check = &service["healthcheck"]["test"];
+        assert!(
+            check.as_sequence().is_some_and(|t| t.len() >= 2),
+            "{name} has a health check"
+        );
+        if let Some(depends) = service["depends_on"].as_mapping() {
+            for (on, how) in depends {
+                assert_eq!(
+                    how["condition"], "service_healthy",
+                    "{name} waits for {on:?} to be healthy"
+                );
+            }
+        }
+        assert!(
+            service["logging"]["options"]["max-size"].is_string(),
+            "{name} rotates its logs"
+        );
+        assert!(
+            service["deploy"]["resources"]["limits"]["memory"].is_string(),
+            "{name} has a memory limit"
+        );
+        // No secret as a value: passwords only as files.
+        for (key, value) in service["environment"].as_mapping().into_iter().flatten() {
+            let key = key.as_str().unwrap();
+            let value = with_defaults(value.as_str().unwrap_or_default());
+            let secretive = ["PASSWORD", "SECRET", "TOKEN", "KEY"]
+                .iter()
+                .any(|s| key.contains(s));
+            if secretive {
+                assert!(
+                    key.ends_with("_FILE") && value.starts_with("/run/secrets/"),
+                    "{name}: {key} is a file under /run/secrets: {value}"
+                );
+                let secret = value.trim_start_matches("/run/secrets/");
+                let listed = service["secrets"]
+                    .as_sequence()
+                    .is_some_and(|s| s.iter().any(|s| s == secret));
+                assert!(listed, "{name} is given the secret {secret}");
+            }
+            if let Ok(url) = url::Url::parse(&value) {
+                assert!(url.password().is_none(), "{name}: no password in {key}");
+            }
+        }
+    }
+    assert!(
+        compose["services"]["timescaledb"]["ports"].is_null(),
+        "the database is never published"
+    );
+    assert_eq!(
+        compose["services"]["timescaledb"]["image"], "timescale/timescaledb:2.18.1-pg15",
+        "TimescaleDB 2.18.1 or later (README, TimescaleDB)"
+    );
+    let tickvault = &compose["services"]["tickvault"];
+    assert!(
+        tickvault["ports"].is_null() && tickvault["container_name"].is_null(),
+        "tickvault scales: no fixed host port, no container name"
+    );
+    let env = &tickvault["environment"];
+    assert_eq!(
+        env["DATABASE_URL"],
+        "postgres://tickvault@timescaledb:5432/market"
+    );
+    assert_eq!(env["TICKVAULT_DATABASE__SSLMODE"], "verify-full");
+    assert_eq!(
+        env["TICKVAULT_DATABASE__SSLROOTCERT"],
+        "/run/secrets/ca_cert"
+    );
+    assert!(env["NATS_URL"].as_str().unwrap().starts_with("tls://"));
+    let grace: u64 = tickvault["stop_grace_period"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches('s')
+        .parse()
+        .unwrap();
+    assert!(grace > 30, "above the worst-case shutdown of 30 s: {grace}");
+    // Only NATS and Grafana face users; Prometheus on loopback.
+    let published: Vec<String> = services
+        .iter()
+        .flat_map(|(_, s)| s["ports"].as_sequence().cloned().unwrap_or_default())
+        .map(|p| with_defaults(p.as_str().unwrap()))
+        .collect();
+    assert_eq!(published, ["4222:4222", "127.0.0.1:9090:9090", "3000:3000"]);
+    assert!(!text.contains("latest"), "no `latest` anywhere");
+
+    // Every variable has its line in .env.example; every secret file is one
+    // that deploy/make-secrets creates.
+    let example = read(".env.example");
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find("${") {
+        let name = rest[at + 2..].split([':', '}']).next().unwrap();
+        assert!(
+            example.lines().any(|l| l.starts_with(&format!("{name}="))),
+            ".env.example lists {name}"
+        );
+        rest = &rest[at + 2..];
+    }
+    let made = make_secrets("");
+    for (secret, spec) in compose["secrets"].as_mapping().unwrap() {
+        let file = spec["file"].as_str().unwrap();
+        let path = made.path().join(file.trim_start_matches("./"));
+        assert!(
+            path.is_file(),
+            "deploy/make-secrets creates {file} ({secret:?})"
+        );
+    }
+}
+
+/// The NATS server configuration of the compose file with the users
+/// deploy/make-secrets writes, on the nats-server here: the worker connects
+/// with TLS, its user and password file, ingests and reads its consumers'
+/// state for the lag.
+#[tokio::test]
+async fn the_compose_nats_configuration_and_generated_users_serve_the_worker() {
+    let secrets = make_secrets("IP:127.0.0.1");
+    let root = secrets.path();
+    // The container's layout: /etc/nats/nats-server.conf includes ../../run/secrets/nats_users.
+    std::fs::create_dir_all(root.join("etc/nats")).unwrap();
+    std::fs::create_dir_all(root.join("run/secrets")).unwrap();
+    let s = root.join("secrets");
+    for (from, to) in [
+        ("nats_users.conf", "nats_users"),
+        ("nats_server.crt", "nats_server_cert"),
+        ("nats_server.key", "nats_server_key"),
+    ] {
+        std::fs::copy(s.join(from), root.join("run/secrets").join(to)).unwrap();
+    }
+    let config = read("deploy/nats/nats-server.conf")
+        .lines()
+        // The test server's own port and store come from its command line.
+        .filter(|l| {
+            !l.starts_with("http_port")
+                && !l.starts_with("port")
+                && !l.trim_start().starts_with("store_dir")
+        })
+        .map(|l| {
+            if l.starts_with("include") {
+                l.to_string()
+            } else {
+                l.replace("/run/secrets/", &format!("{}/run/secrets/", root.display()))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let conf = root.join("etc/nats/nats-server.conf");
+    std::fs::write(&conf, config).unwrap();
+    let nats = crate::helpers::NatsServer::start_with(&["-c", conf.to_str().unwrap()]);
+    let url = format!("tls://127.0.0.1:{}", nats.port);
+    let compose = compose();
+    let env = &compose["services"]["tickvault"]["environment"];
+    let app = crate::helpers::spawn_app_on(&url, |config| {
+        config.ingest.stream = "MARKET_DATA".into();
+        config.ingest.subject_prefix = "md".into();
+        config.history.subject_prefix = "history".into();
+        config.ingest.lag_interval_ms = 200;
+        config.nats.user = env["TICKVAULT_NATS__USER"].as_str().map(str::to_string);
+        config.nats.password_file = Some(s.join("nats_tickvault_password"));
+        config.nats.tls_ca = Some(s.join("ca.crt"));
+    })
+    .await;
+    // The feed's own user publishes; the worker's may not.
+    let mut feed_settings = app.config.nats.clone();
+    feed_settings.user = Some("feed".into());
+    feed_settings.password_file = Some(s.join("nats_feed_password"));
+    let feed = tickvault::nats::connect(&feed_settings, |o| o)
+        .await
+        .unwrap();
+    let feed = async_nats::jetstream::new(feed);
+    for seq in 0..3 {
+        let payload = tick("FPT", T0, seq, 10.0).to_string();
+        feed.publish(app.subject("tick", "FPT"), payload.into())
+            .await
+            .unwrap()
+            .await
+            .expect("the stream stores what the feed user publishes");
+    }
+    app.wait_for_rows("tick_data", 3).await;
+    // What the lag watch asks, as the worker's user (the test's client uses
+    // the app's settings): consumer info and the oldest message of a type.
+    let stream = app.js.get_stream_no_info("MARKET_DATA").await.unwrap();
+    let info = stream.consumer_info("tickvault-tick").await.unwrap();
+    assert_eq!(info.delivered.stream_sequence, 3);
+    let first = stream
+        .get_first_raw_message_by_subject("md.tick.>", 1)
+        .await
+        .expect("the worker's user may read stream messages (lag)");
+    assert_eq!(first.sequence, 1);
+    drop(nats);
+}
