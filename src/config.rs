@@ -451,6 +451,14 @@ impl Config {
                 ));
             }
         }
+        // Reading consumer info often makes nats-server 2.9 deliver far slower
+        // (measured: every 100 ms, ~100x; every 5 s, no measurable cost).
+        if ingest.lag_interval_ms < 1_000 {
+            return Err(invalid(
+                "ingest.lag_interval_ms",
+                "must be at least 1000: reading the consumers' state more often slows JetStream deliveries",
+            ));
+        }
         if self.log.summary_interval_secs > 86_400 {
             return Err(invalid(
                 "log.summary_interval_secs",

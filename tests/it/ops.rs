@@ -89,7 +89,7 @@ async fn pending_and_lag_rise_during_a_stall_and_fall_back_after_recovery() {
     config.ingest.fetch_batch = 5;
     config.ingest.batch_size = 10;
     config.ingest.flush_interval_ms = 100;
-    config.ingest.lag_interval_ms = 300;
+    config.ingest.lag_interval_ms = 1_000;
     let mut app = start(config).await;
     app.set_database(Some(db));
     app.wait_ready().await;
@@ -179,7 +179,7 @@ async fn core_mode_lag_comes_from_held_messages_and_pending_stays_0() {
     let db = TestDatabase::create_on(&pg.admin_url()).await;
     let mut config = test_config(&db.url, &crate::helpers::shared_nats_url());
     config.ingest.mode = IngestMode::Core;
-    config.ingest.lag_interval_ms = 300;
+    config.ingest.lag_interval_ms = 1_000;
     config.ingest.flush_interval_ms = 100;
     let mut app = start(config).await;
     app.set_database(Some(db));
@@ -959,7 +959,7 @@ async fn the_compose_nats_configuration_and_generated_users_serve_the_worker() {
         config.ingest.stream = "MARKET_DATA".into();
         config.ingest.subject_prefix = "md".into();
         config.history.subject_prefix = "history".into();
-        config.ingest.lag_interval_ms = 200;
+        config.ingest.lag_interval_ms = 1_000;
         config.nats.user = env["TICKVAULT_NATS__USER"].as_str().map(str::to_string);
         config.nats.password_file = Some(s.join("nats_tickvault_password"));
         config.nats.tls_ca = Some(s.join("ca.crt"));
