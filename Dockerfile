@@ -7,7 +7,11 @@ COPY Cargo.toml Cargo.lock ./
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && cargo build --release --locked || true
 COPY migrations ./migrations
+COPY build.rs ./
 COPY src ./src
+# tickvault_build_info{revision}: there is no .git here, so it comes as a
+# build argument (docker-compose.prod.yml passes GIT_REVISION from .env).
+ARG GIT_REVISION=unknown
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin tickvault \
     && strip target/release/tickvault
 

@@ -85,6 +85,9 @@ impl App {
             .map(|replica| Database::connect_lazy_as(DbRole::History, &replica))
             .transpose()?;
         let metrics = Arc::new(Metrics::new());
+        for record_type in crate::records::RecordType::ALL {
+            metrics.queue_sized(record_type, config.ingest.queue_capacity);
+        }
         let nats = connect_nats(&config, metrics.clone()).await?;
         tracing::info!(
             http = %http_addr,
@@ -176,6 +179,12 @@ impl App {
             status: self.status.clone(),
         };
         let mut ingest = tokio::spawn(ingest.run(stop_intake.clone(), give_up.clone()));
+        let lag = tokio::spawn(crate::ops::lag::watch(
+            self.nats.clone(),
+            self.config.ingest.clone(),
+            self.metrics.clone(),
+            stop_rest.clone(),
+        ));
         let summary = tokio::spawn(crate::ops::summary::run(
             self.metrics.clone(),
             Duration::from_secs(self.config.log.summary_interval_secs),
@@ -220,6 +229,7 @@ impl App {
         stop_rest.cancel();
         supervisors.join_all().await;
         let _ = summary.await;
+        let _ = lag.await;
         let http_result = http_server.await;
         let pools = self
             .history_db

@@ -25,7 +25,7 @@ use super::HistoryError;
 use crate::config::HistoryConfig;
 use crate::db::{Database, DbRole};
 use crate::ops::health::Status;
-use crate::ops::metrics::{Metrics, ShedReason};
+use crate::ops::metrics::{Metrics, ShedReason, UNKNOWN_HISTORY_KIND};
 use crate::records::{format_timestamp, RecordType};
 use crate::retry::Backoff;
 
@@ -41,8 +41,6 @@ const ENVELOPE_MARGIN: usize = 1024;
 const CLIENT_TIMEOUT_MARGIN: Duration = Duration::from_secs(5);
 /// How long shutdown waits for requests being answered.
 const DRAIN_BOUND: Duration = Duration::from_secs(5);
-/// The metrics' `kind` of a `latest` or `symbols` request naming no valid kind.
-const UNKNOWN_KIND: &str = "unknown";
 
 /// What an endpoint answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -288,7 +286,7 @@ async fn intake(
             // Not parsed yet: a range endpoint names its kind, `latest` and `symbols` do not.
             kind: match route {
                 Route::Range(record_type) => record_type.spec().history_kind,
-                Route::Latest | Route::Symbols => UNKNOWN_KIND,
+                Route::Latest | Route::Symbols => UNKNOWN_HISTORY_KIND,
             },
             arrived: Instant::now(),
         };
@@ -376,7 +374,7 @@ async fn start(
 /// label set).
 fn parse(route: Route, body: &[u8]) -> (&'static str, Result<Work, HistoryError>) {
     let label = |record_type: RecordType| record_type.spec().history_kind;
-    let requested = || request::requested_kind(body).map_or(UNKNOWN_KIND, label);
+    let requested = || request::requested_kind(body).map_or(UNKNOWN_HISTORY_KIND, label);
     match route {
         Route::Range(record_type) => (
             label(record_type),

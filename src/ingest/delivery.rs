@@ -22,6 +22,7 @@ use bytes::Bytes;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use crate::ops::lag::Held;
 use crate::ops::metrics::Metrics;
 use crate::records::{RecordType, Reject, Value};
 
@@ -104,6 +105,8 @@ pub struct Delivery {
     /// When JetStream last heard about it (received or progress-acked), in
     /// milliseconds since [`epoch`].
     touched: AtomicU64,
+    /// Counts it in its type's lag until it is dropped.
+    _held: Held,
 }
 
 /// The origin of [`Delivery::touched`].
@@ -125,7 +128,7 @@ pub struct JetStreamOrigin {
 }
 
 impl Delivery {
-    fn new(subject: Subject, payload: Bytes, acker: Option<Acker>) -> Delivery {
+    fn new(subject: Subject, payload: Bytes, acker: Option<Acker>, held: Held) -> Delivery {
         Delivery {
             subject,
             payload,
@@ -139,17 +142,20 @@ impl Delivery {
             room: None,
             arrived: Instant::now(),
             touched: AtomicU64::new(now_ms()),
+            _held: held,
         }
     }
 
-    /// A JetStream message whose metadata was read.
+    /// A JetStream message whose metadata was read; `held` is the token
+    /// its reception gave ([`IntakeMetrics::message_received`](crate::ops::metrics::IntakeMetrics::message_received)).
     pub fn jetstream(
         subject: Subject,
         payload: Bytes,
         origin: JetStreamOrigin,
         acker: Acker,
+        held: Held,
     ) -> Delivery {
-        let mut delivery = Delivery::new(subject, payload, Some(acker));
+        let mut delivery = Delivery::new(subject, payload, Some(acker), held);
         delivery.stream_seq = Some(origin.stream_seq);
         delivery.delivered = origin.delivered;
         delivery.published_ns = origin.published_ns;
@@ -157,8 +163,8 @@ impl Delivery {
     }
 
     /// A core-mode message: no sequence, no acknowledgement, no redelivery.
-    pub fn core(subject: Subject, payload: Bytes) -> Delivery {
-        Delivery::new(subject, payload, None)
+    pub fn core(subject: Subject, payload: Bytes, held: Held) -> Delivery {
+        Delivery::new(subject, payload, None, held)
     }
 
     /// Records the message's rejected input: `unstored` of them could not
@@ -190,7 +196,8 @@ impl Delivery {
 
     #[cfg(test)]
     pub(crate) fn for_test(rows: Vec<Vec<Value>>, stream_seq: Option<u64>) -> Delivery {
-        let mut delivery = Delivery::core(Subject::from_static("md.test.X"), Bytes::new());
+        let held = Arc::new(crate::ops::lag::HeldMessages::default()).hold();
+        let mut delivery = Delivery::core(Subject::from_static("md.test.X"), Bytes::new(), held);
         delivery.rows = rows;
         delivery.stream_seq = stream_seq;
         delivery

@@ -378,8 +378,8 @@ impl Source {
     }
 
     async fn take_core(&self, message: async_nats::Message) {
-        self.intake.message_received();
-        let delivery = Delivery::core(message.subject, message.payload);
+        let held = self.intake.message_received();
+        let delivery = Delivery::core(message.subject, message.payload, held);
         let Some(delivery) = self.prepare(delivery).await else {
             return;
         };
@@ -569,11 +569,9 @@ impl Source {
                 tracing::debug!(r#type = name, error = %e, "pull ended early");
             }
             if received == 0 {
-                // An idle or failed pull: make sure the consumer is still
-                // there, and keep the pending gauge current meanwhile.
+                // An idle or failed pull: make sure the consumer is still there.
                 match consumer.info().await {
                     Ok(info) => {
-                        self.intake.consumer_pending(info.num_pending);
                         self.lifecycle.set_ack_wait(info.config.ack_wait);
                     }
                     Err(e) => {
@@ -605,17 +603,13 @@ impl Source {
 
     /// One pulled message: its metadata read, decoded, dead-lettered.
     async fn receive(&self, message: jetstream::Message) -> Option<Delivery> {
-        self.intake.message_received();
-        // The delivery's reply subject carries its stream sequence and how many
-        // messages the consumer still has to deliver. (Asking the server with
-        // consumer info instead slowed nats-server 2.9's deliveries 30-fold.)
-        let origin = message.info().ok().map(|info| {
-            self.intake.consumer_pending(info.pending);
-            JetStreamOrigin {
-                stream_seq: info.stream_sequence,
-                delivered: info.delivered,
-                published_ns: info.published.unix_timestamp_nanos(),
-            }
+        let held = self.intake.message_received();
+        // The delivery's reply subject carries its stream sequence. (The
+        // consumer's pending counts are read on a timer, ops/lag.rs.)
+        let origin = message.info().ok().map(|info| JetStreamOrigin {
+            stream_seq: info.stream_sequence,
+            delivered: info.delivered,
+            published_ns: info.published.unix_timestamp_nanos(),
         });
         let (message, acker) = message.split();
         let Some(origin) = origin else {
@@ -624,7 +618,7 @@ impl Source {
                 .await;
             return None;
         };
-        let delivery = Delivery::jetstream(message.subject, message.payload, origin, acker);
+        let delivery = Delivery::jetstream(message.subject, message.payload, origin, acker, held);
         self.prepare(delivery).await
     }
 

@@ -5,16 +5,27 @@
 //! (record type names, reject reasons, flush triggers), never raw error text.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::db::{DbRole, Failure};
+use crate::ops::lag::{Held, HeldMessages};
 use crate::records::{RecordType, Reject, RejectReason};
+
+/// The version and the git revision this binary was built from
+/// (`tickvault_build_info`; the revision is set by build.rs).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const REVISION: &str = env!("GIT_REVISION");
+
+/// The `kind` of a history request that names no valid kind.
+pub const UNKNOWN_HISTORY_KIND: &str = "unknown";
+/// Every `code` a history reply has: 200 and the error codes of the contract.
+pub const HISTORY_CODES: [u16; 4] = [200, 400, 500, 503];
 
 /// At most one log line per `period` for an event that can happen
 /// thousands of times a second; the lines in between are counted and
@@ -58,6 +69,8 @@ impl LogLimiter {
 
 /// How often a repeated warning (core-mode drops, slow consumers) is logged.
 const REPEATED_WARNING_EVERY: Duration = Duration::from_secs(10);
+/// How often a consumer state that cannot be read is logged, per type.
+const LAG_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 /// Why a batch was flushed: the `trigger` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +81,12 @@ pub enum FlushTrigger {
 }
 
 impl FlushTrigger {
+    pub const ALL: [FlushTrigger; 3] = [
+        FlushTrigger::Size,
+        FlushTrigger::Interval,
+        FlushTrigger::Shutdown,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             FlushTrigger::Size => "size",
@@ -88,6 +107,13 @@ pub enum DbFailureKind {
 }
 
 impl DbFailureKind {
+    pub const ALL: [DbFailureKind; 4] = [
+        DbFailureKind::Timeout,
+        DbFailureKind::ConnectionRefused,
+        DbFailureKind::Authentication,
+        DbFailureKind::Other,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DbFailureKind::Timeout => "timeout",
@@ -96,15 +122,6 @@ impl DbFailureKind {
             DbFailureKind::Other => "other",
         }
     }
-}
-
-impl DbFailureKind {
-    pub const ALL: [DbFailureKind; 4] = [
-        DbFailureKind::Timeout,
-        DbFailureKind::ConnectionRefused,
-        DbFailureKind::Authentication,
-        DbFailureKind::Other,
-    ];
 }
 
 /// One database's health series.
@@ -162,22 +179,29 @@ const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(10);
 pub struct IntakeMetrics {
     received: IntCounter,
     queue_depth: IntGauge,
-    consumer_pending: IntGauge,
+    held: Arc<HeldMessages>,
 }
 
 impl IntakeMetrics {
-    pub fn message_received(&self) {
+    /// A message was taken: counted, and held for the lag until its
+    /// [`Held`] token (kept by its delivery) is dropped.
+    pub fn message_received(&self) -> Held {
         self.received.inc();
+        self.held.hold()
     }
 
     pub fn queue_depth(&self, rows: usize) {
         self.queue_depth.set(rows as i64);
     }
+}
 
-    /// JetStream messages the consumer has not delivered yet, as of the last delivery.
-    pub fn consumer_pending(&self, pending: u64) {
-        self.consumer_pending.set(pending as i64);
-    }
+/// One reading of a type's lag (`ops/lag.rs`); `None`: the consumer's
+/// counts could not be read, the gauges keep their last values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LagReading {
+    pub pending: Option<u64>,
+    pub ack_pending: Option<u64>,
+    pub lag: Duration,
 }
 
 /// One type's totals as they are now, read by the periodic summary
@@ -186,6 +210,8 @@ impl IntakeMetrics {
 pub struct TypeTotals {
     pub rows_written: u64,
     pub consumer_pending: i64,
+    /// `tickvault_ingest_lag_seconds`, in milliseconds.
+    pub lag_ms: u64,
     /// Rejected input (dead-lettered), every reason.
     pub rejected: u64,
 }
@@ -221,6 +247,12 @@ pub struct Metrics {
     /// When a history refusal was last logged at warn.
     refusal_warned: Mutex<Option<Instant>>,
     consumer_pending: IntGaugeVec,
+    consumer_ack_pending: IntGaugeVec,
+    ingest_lag: GaugeVec,
+    /// One per record type: the arrival times of the messages it holds.
+    held: [Arc<HeldMessages>; RecordType::ALL.len()],
+    /// One per record type: consumer states that could not be read.
+    lag_logs: [LogLimiter; RecordType::ALL.len()],
 }
 
 fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
@@ -413,12 +445,51 @@ impl Metrics {
                 "JetStream messages not yet delivered to tickvault",
                 &["type"],
             ),
+            consumer_ack_pending: gauge(
+                "tickvault_consumer_ack_pending",
+                "JetStream messages delivered to tickvault and not yet acknowledged",
+                &["type"],
+            ),
+            ingest_lag: register(
+                &registry,
+                GaugeVec::new(
+                    Opts::new(
+                        "tickvault_ingest_lag_seconds",
+                        "Age of the oldest message received or pending but not yet committed (0 when none)",
+                    ),
+                    &["type"],
+                )
+                .expect("valid metric"),
+            ),
+            held: std::array::from_fn(|_| Arc::default()),
+            lag_logs: std::array::from_fn(|_| LogLimiter::new(LAG_WARNING_EVERY)),
             registry,
         };
+        let build_info = register(
+            &metrics.registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "tickvault_build_info",
+                    "Always 1; the labels say which tickvault runs",
+                ),
+                &["version", "revision"],
+            )
+            .expect("valid metric"),
+        );
+        build_info.with_label_values(&[VERSION, REVISION]).set(1);
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
+        #[cfg(target_os = "linux")]
+        metrics
+            .registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("metric names are unique");
+        // Every series exists from the start, so dashboards show 0, not "no
+        // data", and rate() sees the first error.
         for reason in ShedReason::ALL {
             metrics.history_shed.with_label_values(&[reason.as_str()]);
         }
-        // Every series exists from the start, so dashboards show 0, not "no data".
         for kind in DbFailureKind::ALL {
             metrics
                 .history_db_health
@@ -428,25 +499,48 @@ impl Metrics {
         for t in RecordType::ALL {
             let name = t.name();
             metrics.queue_depth.with_label_values(&[name]);
+            metrics.queue_capacity.with_label_values(&[name]);
             metrics.messages_received.with_label_values(&[name]);
             metrics.rows_written.with_label_values(&[name]);
             metrics.flush_errors.with_label_values(&[name]);
+            metrics.flush_duration.with_label_values(&[name]);
             metrics.consumer_pending.with_label_values(&[name]);
+            metrics.consumer_ack_pending.with_label_values(&[name]);
+            metrics.ingest_lag.with_label_values(&[name]);
             metrics.dead_letters_failed.with_label_values(&[name]);
             metrics.dropped.with_label_values(&[name]);
             for reason in RejectReason::ALL {
                 metrics.rejected.with_label_values(&[name, reason.as_str()]);
             }
-            for trigger in [
-                FlushTrigger::Size,
-                FlushTrigger::Interval,
-                FlushTrigger::Shutdown,
-            ] {
+            for trigger in FlushTrigger::ALL {
                 metrics.flushes.with_label_values(&[name, trigger.as_str()]);
             }
+            let kind = t.spec().history_kind;
+            metrics.history_duration.with_label_values(&[kind]);
+            for code in HISTORY_CODES {
+                metrics
+                    .history_requests
+                    .with_label_values(&[kind, &code.to_string()]);
+            }
+        }
+        // A request naming no valid kind: a bad request, or one refused
+        // before it was parsed (too large, the queue full, the database down).
+        for code in [400, 503] {
             metrics
                 .history_requests
-                .with_label_values(&[t.spec().history_kind, "200"]);
+                .with_label_values(&[UNKNOWN_HISTORY_KIND, &code.to_string()]);
+        }
+        metrics
+            .history_duration
+            .with_label_values(&[UNKNOWN_HISTORY_KIND]);
+        for kind in DbFailureKind::ALL {
+            metrics
+                .db_health
+                .failures
+                .with_label_values(&[kind.as_str()]);
+        }
+        for state in ["idle", "in_use"] {
+            metrics.db_pool_connections.with_label_values(&[state]);
         }
         metrics
     }
@@ -472,7 +566,51 @@ impl Metrics {
         IntakeMetrics {
             received: self.messages_received.with_label_values(&name),
             queue_depth: self.queue_depth.with_label_values(&name),
-            consumer_pending: self.consumer_pending.with_label_values(&name),
+            held: self.held[slot(record_type)].clone(),
+        }
+    }
+
+    /// The messages a type holds, for its lag.
+    pub fn held(&self, record_type: RecordType) -> &HeldMessages {
+        &self.held[slot(record_type)]
+    }
+
+    /// A reading of a type's consumer state and lag (`ops/lag.rs`), every
+    /// `ingest.lag_interval_ms`.
+    pub fn lag_read(&self, record_type: RecordType, reading: LagReading) {
+        let name = [record_type.name()];
+        tracing::debug!(
+            r#type = record_type.name(),
+            pending = reading.pending,
+            ack_pending = reading.ack_pending,
+            lag_s = reading.lag.as_secs_f64(),
+            "consumer state read"
+        );
+        if let Some(pending) = reading.pending {
+            self.consumer_pending
+                .with_label_values(&name)
+                .set(pending as i64);
+        }
+        if let Some(ack_pending) = reading.ack_pending {
+            self.consumer_ack_pending
+                .with_label_values(&name)
+                .set(ack_pending as i64);
+        }
+        self.ingest_lag
+            .with_label_values(&name)
+            .set(reading.lag.as_secs_f64());
+    }
+
+    /// A type's consumer state could not be read: the lag keeps counting
+    /// from what was last known and from the messages held here.
+    pub fn lag_unreadable(&self, record_type: RecordType, error: &str) {
+        if let Some(suppressed) = self.lag_logs[slot(record_type)].allow() {
+            tracing::warn!(
+                r#type = record_type.name(),
+                error,
+                also_since_last_line = suppressed,
+                "could not read the JetStream consumer's state for the lag metrics; tickvault_consumer_pending keeps its last value (the worker needs $JS.API.CONSUMER.INFO and $JS.API.STREAM.MSG.GET on the stream)"
+            );
         }
     }
 
@@ -531,11 +669,7 @@ impl Metrics {
     /// Core mode: a message found its type's queue full and was dropped.
     pub fn dropped(&self, record_type: RecordType, subject: &str) {
         self.dropped.with_label_values(&[record_type.name()]).inc();
-        let slot = RecordType::ALL
-            .iter()
-            .position(|t| *t == record_type)
-            .expect("every type is in ALL");
-        if let Some(suppressed) = self.drop_logs[slot].allow() {
+        if let Some(suppressed) = self.drop_logs[slot(record_type)].allow() {
             tracing::warn!(
                 r#type = record_type.name(),
                 subject,
@@ -795,6 +929,7 @@ impl Metrics {
         TypeTotals {
             rows_written: self.rows_written.with_label_values(&[name]).get(),
             consumer_pending: self.consumer_pending.with_label_values(&[name]).get(),
+            lag_ms: (self.ingest_lag.with_label_values(&[name]).get() * 1000.0).round() as u64,
             rejected: RejectReason::ALL
                 .iter()
                 .map(|r| self.rejected.with_label_values(&[name, r.as_str()]).get())
@@ -808,6 +943,14 @@ impl Metrics {
             .with_label_values(&[record_type.name()])
             .get()
     }
+}
+
+/// A type's place in the arrays sized by [`RecordType::ALL`].
+fn slot(record_type: RecordType) -> usize {
+    RecordType::ALL
+        .iter()
+        .position(|t| *t == record_type)
+        .expect("every type is in ALL")
 }
 
 impl Default for Metrics {

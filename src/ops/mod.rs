@@ -1,8 +1,10 @@
-//! The operations side: health and readiness, metrics, the HTTP server that
-//! serves them, logging, the periodic summary and the shutdown signal.
+//! The operations side: health and readiness, metrics and the lag they
+//! report, the HTTP server that serves them, logging, the periodic summary
+//! and the shutdown signal.
 
 pub mod health;
 pub mod http;
+pub mod lag;
 pub mod logging;
 pub mod metrics;
 pub mod shutdown;

@@ -1,7 +1,7 @@
 //! The worker's periodic summary: one info line every
 //! `log.summary_interval_secs` with the rows written per second per type,
-//! each consumer's pending messages and the dead letters since the last line
-//! (and in total). It only reads the metrics; adding a value to the summary
+//! each consumer's pending messages, each type's lag and the dead letters
+//! since the last line (and in total). It only reads the metrics; adding a value to the summary
 //! is adding a field to [`TypeTotals`] and a column here.
 
 use std::fmt::Write as _;
@@ -28,6 +28,8 @@ pub struct SummaryLine {
     pub rows_per_s: String,
     /// `tick=0 candle=12 ...`: JetStream messages not yet delivered.
     pub pending: String,
+    /// `tick=0.4 candle=12.0 ...`: `tickvault_ingest_lag_seconds` now.
+    pub lag_s: String,
     /// `tick=1 ...`: rejected input since the last line.
     pub dead_letters: String,
     /// Rejected input since start-up, all types.
@@ -40,6 +42,7 @@ pub fn line(before: &Snapshot, now: &Snapshot, elapsed: Duration) -> SummaryLine
     let mut line = SummaryLine {
         rows_per_s: String::new(),
         pending: String::new(),
+        lag_s: String::new(),
         dead_letters: String::new(),
         dead_letters_total: now.iter().map(|t| t.rejected).sum(),
     };
@@ -56,6 +59,11 @@ pub fn line(before: &Snapshot, now: &Snapshot, elapsed: Duration) -> SummaryLine
             line.pending,
             "{separator}{name}={}",
             now[i].consumer_pending
+        );
+        let _ = write!(
+            line.lag_s,
+            "{separator}{name}={:.1}",
+            now[i].lag_ms as f64 / 1000.0
         );
         let rejected = now[i].rejected.saturating_sub(before[i].rejected);
         let _ = write!(line.dead_letters, "{separator}{name}={rejected}");
@@ -81,6 +89,7 @@ pub async fn run(metrics: Arc<Metrics>, every: Duration, shutdown: CancellationT
         tracing::info!(
             rows_per_s = %summary.rows_per_s,
             consumer_pending = %summary.pending,
+            lag_s = %summary.lag_s,
             dead_letters = %summary.dead_letters,
             dead_letters_total = summary.dead_letters_total,
             "ingest summary"
@@ -98,12 +107,13 @@ mod tests {
         TypeTotals {
             rows_written: rows,
             consumer_pending: pending,
+            lag_ms: pending as u64 * 100,
             rejected,
         }
     }
 
     #[test]
-    fn a_line_has_rates_pending_and_dead_letters_per_type() {
+    fn a_line_has_rates_pending_lag_and_dead_letters_per_type() {
         let before = [totals(100, 0, 1); RecordType::ALL.len()];
         let mut now = before;
         now[0] = totals(1_300, 40, 4);
@@ -116,6 +126,10 @@ mod tests {
         assert_eq!(
             summary.pending,
             "tick=40 candle=0 foreign=0 index=0 deriv=0"
+        );
+        assert_eq!(
+            summary.lag_s,
+            "tick=4.0 candle=0.0 foreign=0.0 index=0.0 deriv=0.0"
         );
         assert_eq!(
             summary.dead_letters,
@@ -135,12 +149,20 @@ mod tests {
             3,
             Duration::from_millis(5),
         );
-        metrics.intake(RecordType::Tick).consumer_pending(7);
+        metrics.lag_read(
+            RecordType::Tick,
+            crate::ops::metrics::LagReading {
+                pending: Some(7),
+                ack_pending: Some(3),
+                lag: Duration::from_millis(2_500),
+            },
+        );
         let reject = crate::records::Reject::new(crate::records::RejectReason::InvalidJson, "x");
         metrics.rejected(RecordType::Deriv, "md.deriv.X", [&reject]);
         let summary = line(&before, &snapshot(&metrics), Duration::from_secs(10));
         assert!(summary.rows_per_s.contains("candle=3.0"), "{summary:?}");
         assert!(summary.pending.starts_with("tick=7 "), "{summary:?}");
+        assert!(summary.lag_s.starts_with("tick=2.5 "), "{summary:?}");
         assert!(summary.dead_letters.ends_with("deriv=1"), "{summary:?}");
         assert_eq!(summary.dead_letters_total, 1);
     }

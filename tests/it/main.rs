@@ -14,6 +14,7 @@ mod ingest;
 mod latest;
 mod lifecycle;
 mod migrations;
+mod ops;
 mod pressure;
 mod progress;
 mod run_local;
