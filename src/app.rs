@@ -218,12 +218,18 @@ impl App {
                 }
             }
         };
-        // Acknowledgements are buffered publishes: send them before leaving.
-        match tokio::time::timeout(NATS_FLUSH_BOUND, self.nats.flush()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) | Err(_) => tracing::warn!(
+        // Acknowledgements are buffered publishes: send them before leaving
+        // (without a connection there is no one to send them to).
+        let connected = self.nats.connection_state() == async_nats::connection::State::Connected;
+        let flushed = connected
+            && matches!(
+                tokio::time::timeout(NATS_FLUSH_BOUND, self.nats.flush()).await,
+                Ok(Ok(()))
+            );
+        if !flushed {
+            tracing::warn!(
                 "could not send the last acknowledgements to NATS; those messages will be redelivered"
-            ),
+            );
         }
         let _ = history.await;
         stop_rest.cancel();

@@ -42,7 +42,11 @@ pub async fn supervise(
         status.set_schema_ready(false);
     }
     loop {
-        let check = db.health_check().await;
+        // A check waits up to its timeout for an unreachable database: shutdown does not.
+        let check = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            check = db.health_check() => check,
+        };
         let auth_failed = matches!(&check, Err(e) if e.kind() == DbFailureKind::Authentication);
         status.set_db_auth_failed(role, auth_failed);
         if auth_failed {

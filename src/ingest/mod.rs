@@ -172,7 +172,12 @@ impl Ingest {
     ) -> Result<bool, IngestError> {
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         loop {
-            match source::ensure_streams(js, &self.config).await {
+            // A request in flight waits for its timeout: shutdown does not.
+            let ensured = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(false),
+                ensured = source::ensure_streams(js, &self.config) => ensured,
+            };
+            match ensured {
                 Ok(()) => {
                     source::warn_on_other_replicas(js, &self.config).await;
                     return Ok(true);

@@ -89,9 +89,11 @@ struct ConsumerState {
 enum Unreadable {
     /// The stream or consumer does not exist (yet): nothing is waiting in it.
     Missing,
-    /// NATS did not answer (disconnected, timed out, refused): what was
-    /// known stays, since nothing can be acknowledged meanwhile.
+    /// NATS did not answer (timed out, refused): what was known stays,
+    /// since nothing can be acknowledged meanwhile.
     Failed(String),
+    /// The client is not connected: not asked, for the same reason.
+    Disconnected,
 }
 
 fn now_ns() -> i128 {
@@ -168,7 +170,7 @@ pub async fn watch(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let js = (config.mode == IngestMode::Jetstream).then(|| jetstream::new(client));
+    let js = (config.mode == IngestMode::Jetstream).then(|| jetstream::new(client.clone()));
     // Per type: the oldest unacknowledged message as last read.
     let mut oldest_unacked: [Option<i128>; RecordType::ALL.len()] = [None; RecordType::ALL.len()];
     let mut ticks = tokio::time::interval(config.lag_interval());
@@ -178,17 +180,24 @@ pub async fn watch(
             _ = shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let readings = futures::future::join_all(RecordType::ALL.map(|record_type| {
+        // Without a connection the requests could only time out: the
+        // pending gauges keep their last value and the lag keeps counting.
+        let disconnected = client.connection_state() != async_nats::connection::State::Connected;
+        let reads = futures::future::join_all(RecordType::ALL.map(|record_type| {
             let js = js.as_ref();
             let config = &config;
             async move {
                 match js {
+                    Some(_) if disconnected => Some(Err(Unreadable::Disconnected)),
                     Some(js) => Some(read_consumer(js, config, record_type).await),
                     None => None,
                 }
             }
-        }))
-        .await;
+        }));
+        let readings = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            readings = reads => readings,
+        };
         let now = now_ns();
         for ((i, record_type), reading) in RecordType::ALL.into_iter().enumerate().zip(readings) {
             let counts = match reading {
@@ -206,6 +215,8 @@ pub async fn watch(
                     metrics.lag_unreadable(record_type, &error);
                     None
                 }
+                // The disconnection itself is logged where it happens.
+                Some(Err(Unreadable::Disconnected)) => None,
             };
             let held_since = metrics.held(record_type).oldest();
             metrics.lag_read(

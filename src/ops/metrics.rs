@@ -609,7 +609,7 @@ impl Metrics {
                 r#type = record_type.name(),
                 error,
                 also_since_last_line = suppressed,
-                "could not read the JetStream consumer's state for the lag metrics; tickvault_consumer_pending keeps its last value (the worker needs $JS.API.CONSUMER.INFO and $JS.API.STREAM.MSG.GET on the stream)"
+                "could not read the JetStream consumer's state for the lag metrics; tickvault_consumer_pending keeps its last value (on a permissions error: the worker needs $JS.API.CONSUMER.INFO and $JS.API.STREAM.MSG.GET on the stream)"
             );
         }
     }
