@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use crate::ops::lag::Held;
 use crate::ops::metrics::Metrics;
-use crate::records::{RecordType, Reject, Value};
+use crate::records::{RecordType, Reject, Rows};
 
 /// How long a message whose dead letters could not be stored waits before
 /// JetStream delivers it again.
@@ -84,7 +84,7 @@ pub struct Delivery {
     /// The payload as received: the source of a row's original record text.
     pub payload: Bytes,
     /// The checked rows, in the order of the payload's valid records.
-    pub rows: Vec<Vec<Value>>,
+    pub rows: Rows,
     /// JetStream stream sequence: orders versions for newest-wins tables.
     pub stream_seq: Option<u64>,
     /// When JetStream stored the message (nanoseconds since the epoch):
@@ -132,7 +132,7 @@ impl Delivery {
         Delivery {
             subject,
             payload,
-            rows: Vec::new(),
+            rows: Rows::default(),
             stream_seq: None,
             published_ns: 0,
             delivered: 1,
@@ -195,7 +195,7 @@ impl Delivery {
     }
 
     #[cfg(test)]
-    pub(crate) fn for_test(rows: Vec<Vec<Value>>, stream_seq: Option<u64>) -> Delivery {
+    pub(crate) fn for_test(rows: Rows, stream_seq: Option<u64>) -> Delivery {
         let held = Arc::new(crate::ops::lag::HeldMessages::default()).hold();
         let mut delivery = Delivery::core(Subject::from_static("md.test.X"), Bytes::new(), held);
         delivery.rows = rows;
@@ -461,7 +461,7 @@ mod tests {
 
     #[test]
     fn dead_letters_are_retried_a_bounded_number_of_deliveries() {
-        let mut delivery = Delivery::for_test(Vec::new(), Some(7));
+        let mut delivery = Delivery::for_test(Rows::default(), Some(7));
         assert!(!delivery.may_redeliver(), "core mode has no redelivery");
         assert_eq!(
             delivery.dead_letter_id("db", 2).as_deref(),
@@ -470,7 +470,7 @@ mod tests {
         delivery.delivered = DEAD_LETTER_DELIVERIES;
         assert!(!delivery.may_redeliver());
         assert_eq!(
-            Delivery::for_test(Vec::new(), None).dead_letter_id("db", 0),
+            Delivery::for_test(Rows::default(), None).dead_letter_id("db", 0),
             None
         );
     }

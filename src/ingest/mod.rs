@@ -108,6 +108,7 @@ impl Ingest {
             batch_size: self.config.batch_size,
             max_batch_rows: self.config.max_batch_rows,
             flush_interval: self.config.flush_interval(),
+            flushes_in_flight: self.config.flushes_in_flight,
         };
         // Stops every source, at shutdown or when one of them cannot go on.
         let stop = shutdown.child_token();

@@ -1,0 +1,88 @@
+//! The SQL of one type's writes, built once from its [`RecordSpec`].
+
+use crate::records::{Conflict, RecordSpec};
+
+/// SQL built once per type from its spec.
+pub(super) struct Statements {
+    /// Binary COPY straight into the table (the common case).
+    pub copy_direct: String,
+    pub create_staging: String,
+    /// Binary COPY into the session's staging table.
+    pub copy_staging: String,
+    /// Staging → table with the type's conflict rule.
+    pub merge: String,
+}
+
+impl Statements {
+    pub fn new(spec: &RecordSpec) -> Self {
+        let mut columns: Vec<String> = spec.column_names().map(|c| format!("\"{c}\"")).collect();
+        if spec.conflict == Conflict::NewestWins {
+            columns.push("stream_seq".into());
+        }
+        let column_list = columns.join(", ");
+        let table = spec.table;
+        let staging = format!("tickvault_staging_{table}");
+        let key = spec
+            .key
+            .iter()
+            .map(|c| format!("\"{c}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let on_conflict = match spec.conflict {
+            Conflict::KeepFirst => "DO NOTHING".to_string(),
+            Conflict::NewestWins => {
+                let updates = columns
+                    .iter()
+                    .filter(|c| !spec.key.iter().any(|k| format!("\"{k}\"") == **c))
+                    .map(|c| format!("{c} = EXCLUDED.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                // A lower stream sequence never overwrites a higher one; core
+                // mode has no sequence (NULL), so there the last write wins.
+                format!(
+                    "DO UPDATE SET {updates} WHERE {table}.stream_seq IS NULL \
+                     OR EXCLUDED.stream_seq IS NULL OR {table}.stream_seq <= EXCLUDED.stream_seq"
+                )
+            }
+        };
+        Statements {
+            copy_direct: format!("COPY {table} ({column_list}) FROM STDIN (FORMAT binary)"),
+            create_staging: format!(
+                "CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {table}) ON COMMIT DELETE ROWS"
+            ),
+            copy_staging: format!("COPY {staging} ({column_list}) FROM STDIN (FORMAT binary)"),
+            merge: format!(
+                // Ordered by key so replicas merging the same keys lock rows in
+                // the same order and cannot deadlock each other.
+                "INSERT INTO {table} ({column_list}) SELECT {column_list} FROM {staging} \
+                 ORDER BY {key} ON CONFLICT ({key}) {on_conflict}"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::RecordType;
+
+    #[test]
+    fn statements_follow_the_spec() {
+        let tick = Statements::new(RecordType::Tick.spec());
+        assert_eq!(
+            tick.copy_direct,
+            "COPY tick_data (\"symbol\", \"timestamp\", \"price\", \"volume\", \"side\", \"seq\") FROM STDIN (FORMAT binary)"
+        );
+        assert!(tick
+            .merge
+            .ends_with("ON CONFLICT (\"symbol\", \"timestamp\", \"seq\") DO NOTHING"));
+        let candle = Statements::new(RecordType::Candle.spec());
+        assert!(candle.copy_direct.contains("\"value\", stream_seq)"));
+        assert!(candle.merge.contains("\"close\" = EXCLUDED.\"close\""));
+        assert!(candle.merge.contains("stream_seq = EXCLUDED.stream_seq"));
+        assert!(!candle.merge.contains("\"symbol\" = EXCLUDED"));
+        assert!(candle
+            .merge
+            .contains("candles_1m.stream_seq <= EXCLUDED.stream_seq"));
+    }
+}
