@@ -10,8 +10,7 @@
 //! each other's locks or deadlock. Every waiting or in-flight delivery is
 //! kept alive, and settled with the outcome the sink reports.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, RandomState};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +22,7 @@ use crate::ingest::delivery::{Delivery, Lifecycle};
 use crate::ingest::sink::Sink;
 use crate::ops::health::Status;
 use crate::ops::metrics::{FlushTrigger, IntakeMetrics, Metrics};
-use crate::records::RecordType;
+use crate::records::{KeyHashing, RecordType};
 
 /// Payload bytes one place of the queue stands for: a message takes one
 /// place per row, or one per KiB of payload when that is more, so the
@@ -150,18 +149,16 @@ pub struct BatchLimits {
 
 /// The keys (hashed) the flushes in flight write, and how many hold each.
 struct Claims {
-    hasher: RandomState,
     key_positions: Vec<usize>,
-    held: HashMap<u64, u32>,
+    held: HashMap<u64, u32, KeyHashing>,
     by_flush: HashMap<tokio::task::Id, Vec<u64>>,
 }
 
 impl Claims {
     fn new(record_type: RecordType) -> Self {
         Claims {
-            hasher: RandomState::new(),
             key_positions: record_type.spec().key_positions(),
-            held: HashMap::new(),
+            held: HashMap::default(),
             by_flush: HashMap::new(),
         }
     }
@@ -171,7 +168,7 @@ impl Claims {
             delivery
                 .rows
                 .iter()
-                .map(|row| self.hasher.hash_one(row.key(&self.key_positions))),
+                .map(|row| row.key(&self.key_positions).fingerprint()),
         );
     }
 
@@ -312,7 +309,10 @@ fn take_batch(
 ) -> (Vec<Delivery>, Vec<u64>) {
     let mut batch = Vec::new();
     let mut keys = Vec::new();
-    let mut skipped = VecDeque::new();
+    // Deliveries put back, in order, ahead of what was not looked at; a
+    // later delivery sharing a key with one of them waits behind it.
+    let mut skipped = Vec::new();
+    let mut skipped_keys: HashSet<u64, KeyHashing> = HashSet::default();
     let mut rows = 0;
     while let Some(next) = pending.front() {
         if !batch.is_empty() && rows + next.rows.len() > max_rows {
@@ -321,16 +321,19 @@ fn take_batch(
         let delivery = pending.pop_front().expect("front exists");
         let mark = keys.len();
         claims.keys(&delivery, &mut keys);
-        if claims.is_free(&keys[mark..]) {
+        let own = &keys[mark..];
+        if claims.is_free(own) && !own.iter().any(|k| skipped_keys.contains(k)) {
             rows += delivery.rows.len();
             batch.push(delivery);
         } else {
+            skipped_keys.extend(own);
             keys.truncate(mark);
-            skipped.push_back(delivery);
+            skipped.push(delivery);
         }
     }
-    skipped.append(pending);
-    *pending = skipped;
+    for delivery in skipped.into_iter().rev() {
+        pending.push_front(delivery);
+    }
     *pending_rows -= rows;
     (batch, keys)
 }

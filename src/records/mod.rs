@@ -9,7 +9,7 @@ pub use field::{
     format_timestamp, is_symbol, parse_timestamp, write_copy_row, FieldType, Reject, RejectReason,
     Value,
 };
-pub use rows::{Cell, Row, Rows};
+pub use rows::{Cell, KeyHashing, Row, Rows};
 
 use serde_json::Value as Json;
 

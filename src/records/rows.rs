@@ -51,14 +51,14 @@ impl Cell {
 pub struct Rows {
     width: usize,
     cells: Vec<Cell>,
-    text: Vec<u8>,
+    text: String,
 }
 
 /// One row of a [`Rows`].
 #[derive(Debug, Clone, Copy)]
 pub struct Row<'a> {
     cells: &'a [Cell],
-    text: &'a [u8],
+    text: &'a str,
 }
 
 impl Rows {
@@ -66,7 +66,7 @@ impl Rows {
         Rows {
             width: spec.fields.len(),
             cells: Vec::new(),
-            text: Vec::new(),
+            text: String::new(),
         }
     }
 
@@ -76,11 +76,6 @@ impl Rows {
 
     pub fn is_empty(&self) -> bool {
         self.cells.is_empty()
-    }
-
-    /// Bytes the rows take in memory (cells and text).
-    pub fn heap_bytes(&self) -> usize {
-        self.cells.capacity() * std::mem::size_of::<Cell>() + self.text.capacity()
     }
 
     pub fn row(&self, i: usize) -> Row<'_> {
@@ -109,7 +104,7 @@ impl Rows {
         assert_eq!(values.len(), self.width, "a row has one value per field");
         for value in values {
             let cell = match value {
-                Value::Text(text) => self.push_text(text.as_bytes()),
+                Value::Text(text) => self.push_text(text),
                 Value::Timestamp(ts) => Cell::Timestamp(ts.timestamp_micros()),
                 Value::Float(v) => Cell::Float(*v),
                 Value::Int(v) => Cell::Int(*v),
@@ -119,12 +114,12 @@ impl Rows {
         }
     }
 
-    fn push_text(&mut self, bytes: &[u8]) -> Cell {
+    fn push_text(&mut self, text: &str) -> Cell {
         let start = self.text.len() as u32;
-        self.text.extend_from_slice(bytes);
+        self.text.push_str(text);
         Cell::Text {
             start,
-            len: bytes.len() as u32,
+            len: text.len() as u32,
         }
     }
 
@@ -171,7 +166,7 @@ impl Rows {
         }
         let checked = field.parse(scalar)?;
         Ok(match checked {
-            Checked::Text(text) => self.push_text(text.as_bytes()),
+            Checked::Text(text) => self.push_text(&text),
             Checked::Cell(cell) => cell,
         })
     }
@@ -185,11 +180,7 @@ impl<'a> Row<'a> {
     /// The text of a [`Cell::Text`] (empty for any other cell).
     pub fn text(&self, cell: &Cell) -> &'a str {
         match *cell {
-            Cell::Text { start, len } => {
-                let bytes = &self.text[start as usize..(start + len) as usize];
-                // Only ASCII is ever stored (checked symbols and sides).
-                std::str::from_utf8(bytes).unwrap_or_default()
-            }
+            Cell::Text { start, len } => &self.text[start as usize..(start + len) as usize],
             _ => "",
         }
     }
@@ -241,9 +232,34 @@ impl Key<'_> {
             }
         })
     }
+
+    /// A 64-bit hash of the key, cheap to compute (a multiply-rotate mix
+    /// over its words, as FxHash does): what maps of keys are keyed by,
+    /// through [`KeyHasher`].
+    pub fn fingerprint(&self) -> u64 {
+        const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+        let mix = |h: u64, word: u64| (h.rotate_left(5) ^ word).wrapping_mul(SEED);
+        let mut h = 0;
+        for part in self.parts() {
+            h = match part {
+                KeyPart::Text(text) => {
+                    let mut chunks = text.as_bytes().chunks_exact(8);
+                    for chunk in &mut chunks {
+                        h = mix(h, u64::from_le_bytes(chunk.try_into().expect("8 bytes")));
+                    }
+                    let mut last = [0u8; 8];
+                    last[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+                    mix(mix(h, u64::from_le_bytes(last)), text.len() as u64)
+                }
+                KeyPart::Int(v) => mix(h, v as u64),
+                KeyPart::Null => mix(h, u64::MAX),
+            };
+        }
+        h
+    }
 }
 
-#[derive(PartialEq, Eq, Hash)]
+#[derive(PartialEq, Eq)]
 enum KeyPart<'a> {
     Text(&'a str),
     Int(i64),
@@ -260,11 +276,32 @@ impl Eq for Key<'_> {}
 
 impl Hash for Key<'_> {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        for part in self.parts() {
-            part.hash(state);
-        }
+        state.write_u64(self.fingerprint());
     }
 }
+
+/// Hashes what is already a hash ([`Key::fingerprint`]) by passing it on.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+
+    fn write_u64(&mut self, fingerprint: u64) {
+        self.0 = fingerprint;
+    }
+}
+
+/// Hash maps keyed by [`Key`]s or their fingerprints.
+pub type KeyHashing = std::hash::BuildHasherDefault<KeyHasher>;
 
 /// One JSON value as a field rule sees it; strings borrowed from the
 /// payload when they hold no escapes.

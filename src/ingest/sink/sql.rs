@@ -1,6 +1,16 @@
 //! The SQL of one type's writes, built once from its [`RecordSpec`].
 
-use crate::records::{Conflict, RecordSpec};
+use crate::records::{Conflict, Field, FieldType, RecordSpec};
+
+/// The column type a field is stored as (migrations/).
+fn sql_type(ty: FieldType) -> &'static str {
+    match ty {
+        FieldType::Symbol | FieldType::Side => "text",
+        FieldType::Timestamp => "timestamptz",
+        FieldType::Positive | FieldType::NonNegative | FieldType::Finite => "float8",
+        FieldType::PositiveInt | FieldType::NonNegativeInt => "int8",
+    }
+}
 
 /// SQL built once per type from its spec.
 pub(super) struct Statements {
@@ -11,6 +21,9 @@ pub(super) struct Statements {
     pub copy_staging: String,
     /// Staging → table with the type's conflict rule.
     pub merge: String,
+    /// Which of some keys (one array parameter per key column) are stored:
+    /// their 1-based positions.
+    pub stored_keys: String,
 }
 
 impl Statements {
@@ -45,7 +58,37 @@ impl Statements {
                 )
             }
         };
+        let key_fields: Vec<&Field> = spec
+            .key
+            .iter()
+            .map(|k| {
+                spec.fields
+                    .iter()
+                    .find(|f| f.name == *k)
+                    .expect("a key column is a field")
+            })
+            .collect();
+        let arrays = key_fields
+            .iter()
+            .enumerate()
+            .map(|(i, f)| format!("${}::{}[]", i + 1, sql_type(f.ty)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let names = (0..key_fields.len())
+            .map(|i| format!("k{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let matches = key_fields
+            .iter()
+            .enumerate()
+            .map(|(i, f)| format!("t.\"{}\" = k.k{i}", f.name))
+            .collect::<Vec<_>>()
+            .join(" AND ");
         Statements {
+            stored_keys: format!(
+                "SELECT k.n FROM unnest({arrays}) WITH ORDINALITY AS k({names}, n) \
+                 WHERE EXISTS (SELECT 1 FROM {table} t WHERE {matches})"
+            ),
             copy_direct: format!("COPY {table} ({column_list}) FROM STDIN (FORMAT binary)"),
             create_staging: format!(
                 "CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {table}) ON COMMIT DELETE ROWS"
@@ -84,5 +127,10 @@ mod tests {
         assert!(candle
             .merge
             .contains("candles_1m.stream_seq <= EXCLUDED.stream_seq"));
+        assert_eq!(
+            tick.stored_keys,
+            "SELECT k.n FROM unnest($1::text[], $2::timestamptz[], $3::int8[]) WITH ORDINALITY AS k(k0, k1, k2, n) \
+             WHERE EXISTS (SELECT 1 FROM tick_data t WHERE t.\"symbol\" = k.k0 AND t.\"timestamp\" = k.k1 AND t.\"seq\" = k.k2)"
+        );
     }
 }

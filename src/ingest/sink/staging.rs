@@ -6,7 +6,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
-use crate::records::{Conflict, RecordSpec, Row, Rows};
+use crate::records::{Conflict, KeyHashing, RecordSpec, Row, Rows};
 
 /// One row to write: the row, the sequence that orders its versions, and
 /// its position among its message's rows.
@@ -23,7 +23,7 @@ pub fn stage<'a>(
     key_positions: &[usize],
     messages: impl IntoIterator<Item = (&'a Rows, Option<u64>)>,
 ) -> Vec<StagedRow<'a>> {
-    let mut by_key: HashMap<_, usize> = HashMap::new();
+    let mut by_key: HashMap<_, usize, KeyHashing> = HashMap::default();
     let mut staged: Vec<StagedRow<'a>> = Vec::new();
     for (rows, stream_seq) in messages {
         by_key.reserve(rows.len());

@@ -19,13 +19,14 @@ use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::DateTime;
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, PgConnection, Postgres};
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{failure, Database, Failure};
 use crate::ops::metrics::Metrics;
-use crate::records::{RecordSpec, RecordType, Rows};
+use crate::records::{Cell, Conflict, FieldType, RecordSpec, RecordType, Rows};
 use crate::retry::Backoff;
 
 use super::encode::encode;
@@ -159,20 +160,18 @@ impl Writer {
         staged: &[StagedRow<'_>],
         timeout: Duration,
     ) -> Written {
-        let data = encode(self.spec, staged);
-        self.write_retrying(&data, staged.len(), timeout).await
-    }
-
-    async fn write_retrying(&self, data: &[u8], rows: usize, timeout: Duration) -> Written {
-        let mut backoff = Backoff::new(FIRST_RETRY, LAST_RETRY);
+        let rows = staged.len();
         // The client waits a little longer than the server's statement
         // timeout, so the server normally ends a slow write cleanly.
         let bound = timeout + timeout / 2;
+        let mut backoff = Backoff::new(FIRST_RETRY, LAST_RETRY);
+        // Encoded once: the direct COPY of every row is the common case.
+        let data = encode(self.spec, staged);
         loop {
             let attempt = tokio::select! {
                 biased;
                 _ = self.give_up.cancelled() => return Written::GaveUp,
-                attempt = tokio::time::timeout(bound, self.write(data, timeout)) => attempt,
+                attempt = tokio::time::timeout(bound, self.write(staged, &data, timeout)) => attempt,
             };
             let (error, failure) = match attempt {
                 Ok(Ok(())) => {
@@ -209,14 +208,20 @@ impl Writer {
         }
     }
 
-    /// One transaction: the direct COPY, or on a key conflict the staging
-    /// merge. Every statement is bounded server-side by `timeout`.
-    async fn write(&self, data: &[u8], timeout: Duration) -> Result<(), sqlx::Error> {
+    /// One transaction: the direct COPY of `data` (the encoded `staged`),
+    /// or on a key conflict the split write. Every statement is bounded
+    /// server-side by `timeout`.
+    async fn write(
+        &self,
+        staged: &[StagedRow<'_>],
+        data: &[u8],
+        timeout: Duration,
+    ) -> Result<(), sqlx::Error> {
         let mut conn = WriteConnection {
             conn: self.db.pool.acquire().await?,
             settled: false,
         };
-        let result = self.write_on(&mut conn.conn, data, timeout).await;
+        let result = self.write_on(&mut conn.conn, staged, data, timeout).await;
         conn.settled = true;
         result
     }
@@ -224,6 +229,7 @@ impl Writer {
     async fn write_on(
         &self,
         conn: &mut PgConnection,
+        staged: &[StagedRow<'_>],
         data: &[u8],
         timeout: Duration,
     ) -> Result<(), sqlx::Error> {
@@ -247,19 +253,98 @@ impl Writer {
             }
         }
         // The staging table usually exists already on this connection: no notice for that.
-        let mut tx = conn
-            .begin_with(format!(
-                "BEGIN; {bound}; SET LOCAL client_min_messages = warning"
-            ))
-            .await?;
-        sqlx::query(&self.statements.create_staging)
-            .execute(&mut *tx)
-            .await?;
-        copy(&mut tx, &self.statements.copy_staging, data).await?;
-        sqlx::query(&self.statements.merge)
-            .execute(&mut *tx)
-            .await?;
+        let begin = format!("BEGIN; {bound}; SET LOCAL client_min_messages = warning");
+        let mut tx = conn.begin_with(begin.clone()).await?;
+        match self.write_split(&mut tx, staged).await {
+            Ok(()) => return tx.commit().await,
+            Err(e) if !is_unique_violation(&e) => return Err(e),
+            // Another writer stored one of the new keys meanwhile.
+            Err(_) => tx.rollback().await?,
+        }
+        let mut tx = conn.begin_with(begin).await?;
+        self.merge(&mut tx, data).await?;
         tx.commit().await
+    }
+
+    /// Only the rows whose key is stored go through the staging merge; the
+    /// others are a direct COPY (which fails on a key stored meanwhile).
+    async fn write_split(
+        &self,
+        conn: &mut PgConnection,
+        staged: &[StagedRow<'_>],
+    ) -> Result<(), sqlx::Error> {
+        let stored = self.stored_keys(conn, staged).await?;
+        let (mut old, mut new) = (
+            Vec::with_capacity(stored.len()),
+            Vec::with_capacity(staged.len()),
+        );
+        for (i, row) in staged.iter().enumerate() {
+            if stored.binary_search(&(i as i64 + 1)).is_ok() {
+                old.push(*row);
+            } else {
+                new.push(*row);
+            }
+        }
+        if !new.is_empty() {
+            copy(conn, &self.statements.copy_direct, &encode(self.spec, &new)).await?;
+        }
+        // A stored tick stays as it is (keep-first): nothing to merge.
+        if !old.is_empty() && self.spec.conflict == Conflict::NewestWins {
+            self.merge(conn, &encode(self.spec, &old)).await?;
+        }
+        Ok(())
+    }
+
+    /// The staging merge of `data`: COPY into the session's staging table,
+    /// then `INSERT ... ON CONFLICT` with the type's rule.
+    async fn merge(&self, conn: &mut PgConnection, data: &[u8]) -> Result<(), sqlx::Error> {
+        sqlx::query(&self.statements.create_staging)
+            .execute(&mut *conn)
+            .await?;
+        copy(conn, &self.statements.copy_staging, data).await?;
+        sqlx::query(&self.statements.merge)
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    /// The 1-based positions in `staged` of the rows whose key is stored, in order.
+    async fn stored_keys(
+        &self,
+        conn: &mut PgConnection,
+        staged: &[StagedRow<'_>],
+    ) -> Result<Vec<i64>, sqlx::Error> {
+        let mut query = sqlx::query_scalar::<_, i64>(&self.statements.stored_keys);
+        for &p in &self.key_positions {
+            let cells = staged.iter().map(|s| (s.row, s.row.cells()[p]));
+            query = match self.spec.fields[p].ty {
+                FieldType::Symbol | FieldType::Side => {
+                    query.bind(cells.map(|(row, cell)| row.text(&cell)).collect::<Vec<_>>())
+                }
+                FieldType::Timestamp => query.bind(
+                    cells
+                        .map(|(_, cell)| match cell {
+                            Cell::Timestamp(micros) => DateTime::from_timestamp_micros(micros),
+                            _ => None,
+                        })
+                        .collect::<Vec<_>>(),
+                ),
+                FieldType::PositiveInt | FieldType::NonNegativeInt => query.bind(
+                    cells
+                        .map(|(_, cell)| match cell {
+                            Cell::Int(v) => Some(v),
+                            _ => None,
+                        })
+                        .collect::<Vec<_>>(),
+                ),
+                FieldType::Positive | FieldType::NonNegative | FieldType::Finite => {
+                    query.bind(cells.map(|(_, cell)| cell.as_f64()).collect::<Vec<_>>())
+                }
+            };
+        }
+        let mut stored = query.fetch_all(&mut *conn).await?;
+        stored.sort_unstable();
+        Ok(stored)
     }
 }
 
