@@ -137,6 +137,7 @@ impl Rows {
     /// appends the row, or leaves the rows as they were and says why not.
     fn push_record(&mut self, spec: &RecordSpec, found: &[Scalar<'_>]) -> Result<(), Reject> {
         let mark = self.mark();
+        self.cells.reserve(self.width);
         let checked = spec
             .fields
             .iter()
