@@ -104,12 +104,7 @@ impl Ingest {
             IngestMode::Core => None,
         };
         let dead_letters = DeadLetters::new(self.client.clone(), js.clone(), self.config.clone());
-        let limits = BatchLimits {
-            batch_size: self.config.batch_size,
-            max_batch_rows: self.config.max_batch_rows,
-            flush_interval: self.config.flush_interval(),
-            flushes_in_flight: self.config.flushes_in_flight,
-        };
+        let limits = BatchLimits::new(&self.config);
         // Stops every source, at shutdown or when one of them cannot go on.
         let stop = shutdown.child_token();
         let mut sources = JoinSet::new();
