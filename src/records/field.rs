@@ -232,6 +232,21 @@ fn integer(json: &Json) -> Result<i64, &'static str> {
 }
 
 impl FieldType {
+    /// The JSON value a text cell (a CSV field) spells for this rule:
+    /// identifiers and sides are strings; for the others, a number when the
+    /// text reads as a JSON number (`97.5`, `1764123303123`), else the text
+    /// itself, which the rule then reads (a timestamp) or refuses, naming
+    /// the field.
+    pub fn json_from_text(self, text: &str) -> Json {
+        match self {
+            FieldType::Symbol | FieldType::Side => Json::String(text.to_string()),
+            _ => text
+                .parse::<serde_json::Number>()
+                .map(Json::Number)
+                .unwrap_or_else(|_| Json::String(text.to_string())),
+        }
+    }
+
     /// Checks one present, non-null JSON value.
     pub fn parse(self, name: &str, json: &Json) -> Result<Value, Reject> {
         let invalid =
