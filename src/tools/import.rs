@@ -283,30 +283,35 @@ async fn import_file(
             rejects.add(&path, type_name, rejected)?;
         }
         tally.rejected += batch.rejected.len() as u64;
-        let written = sink.write_rows(&batch.rows).await;
-        if written.gave_up {
-            interrupted_after = Some(last_written);
-            break;
+        tally.lines += batch.rejected.len() as u64;
+        if !batch.rows.is_empty() {
+            let written = sink.write_rows(&batch.rows).await;
+            if written.gave_up {
+                interrupted_after = Some(last_written);
+                break;
+            }
+            let refused = written.refused.len() as u64;
+            for (index, reject) in written.refused {
+                let record = csv_line(batch.rows[index].iter().map(cell_text));
+                let line = batch.lines[index];
+                rejects.add(
+                    &path,
+                    type_name,
+                    &RejectedLine {
+                        line,
+                        reject,
+                        record,
+                    },
+                )?;
+            }
+            let accepted = batch.rows.len() as u64 - refused;
+            tally.rejected += refused;
+            tally.lines += batch.rows.len() as u64;
+            tally.accepted += accepted;
+            tally.changed += written.changed;
+            progress.stored(accepted);
         }
-        for (index, reject) in written.refused.iter() {
-            let record = csv_line(batch.rows[*index].iter().map(cell_text));
-            rejects.add(
-                &path,
-                type_name,
-                &RejectedLine {
-                    line: batch.lines[*index],
-                    reject: reject.clone(),
-                    record,
-                },
-            )?;
-        }
-        let refused = written.refused.len() as u64;
-        tally.rejected += refused;
-        tally.accepted += batch.rows.len() as u64 - refused;
-        tally.changed += written.changed;
-        tally.lines += (batch.rows.len() + batch.rejected.len()) as u64;
         last_written = last_written.max(batch.last_line);
-        progress.stored(batch.rows.len() as u64 - refused);
     }
     // Unblocks the reader when the import stopped early.
     drop(received);

@@ -472,3 +472,46 @@ async fn a_bad_header_is_an_error_naming_the_expected_columns_and_nothing_is_wri
             .unwrap();
     assert_eq!(tables, 0, "nothing was migrated or written");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_later_line_wins_across_batches_and_a_rerun_ends_in_the_same_rows() {
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut csv = Csv::new("bars.csv", "symbol,timestamp,open,high,low,close,volume");
+    csv.push(format!("FPT,{},10,12,9,11,1", at(0)));
+    for m in 1..4 {
+        csv.push(format!("FPT,{},10,12,9,11,1", at(m * 60)));
+    }
+    csv.push(format!("FPT,{},10,12,9,11.75,2", at(0)));
+    write_plain(&dir.path().join(csv.name), &csv.text);
+    let args = ["bars.csv", "--batch-rows", "2"];
+    let columns = format!("{MS}, close, volume, coalesce(stream_seq::text, '-')");
+
+    let (output, stdout, stderr) = import(&db, dir.path(), &args);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("5 rows accepted (5 new or changed)"),
+        "{stdout}"
+    );
+    let pool = db.pool().await;
+    let first = dump(&pool, "candles_1m", &columns, "timestamp").await;
+    assert_eq!(first.len(), 4);
+    assert_eq!(
+        first[0],
+        format!("{T0}|11.75|2|-"),
+        "the later line wins, without a stream sequence"
+    );
+
+    // Run again: the earlier version is written, then the later one; the
+    // same rows in the end.
+    let (output, stdout, stderr) = import(&db, dir.path(), &args);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("5 rows accepted (2 new or changed)"),
+        "{stdout}"
+    );
+    assert_eq!(
+        dump(&pool, "candles_1m", &columns, "timestamp").await,
+        first
+    );
+}
