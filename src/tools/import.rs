@@ -149,8 +149,8 @@ pub async fn run(config: &Config, args: ImportArgs) -> anyhow::Result<ExitCode> 
             file.tally.describe()
         ));
         totals.add(&file.tally);
-        if file.interrupted_after.is_some() {
-            interrupted = file.interrupted_after.map(|line| ImportError::Interrupted {
+        if let Some(line) = file.interrupted_after {
+            interrupted = Some(ImportError::Interrupted {
                 path: input.path.display().to_string(),
                 line,
             });
