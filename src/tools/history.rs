@@ -13,8 +13,8 @@ use tickvault::config::Config;
 use tickvault::history::request::MAX_LIMIT;
 
 use super::client::{ClientError, HistoryClient, Kind};
-use super::render::{reader_gone, Column, Format, RowWriter};
-use super::time::{TimeArg, Tz};
+use super::render::{reader_gone, Column, Output, RowWriter};
+use super::time::TimeArg;
 
 /// Query stored history through the running `tickvault-history` service.
 #[derive(Debug, clap::Args)]
@@ -46,15 +46,8 @@ pub struct HistoryArgs {
     /// Most rows to print in total (default: every matching row).
     #[arg(long)]
     pub limit: Option<u64>,
-    /// Output: table (fixed-width columns), json (JSON lines) or csv.
-    #[arg(long, value_enum, default_value = "table")]
-    pub format: Format,
-    /// Zone of the printed timestamps: market (UTC+7) or utc.
-    #[arg(long, value_enum, default_value = "market")]
-    pub tz: Tz,
-    /// Seconds to wait for each reply.
-    #[arg(long, default_value_t = 30)]
-    pub timeout: u64,
+    #[command(flatten)]
+    pub output: Output,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,12 +65,12 @@ pub async fn run(config: &Config, args: HistoryArgs) -> Result<(), HistoryCliErr
         TimeArg::parse(text, now).map_err(|message| HistoryCliError::Argument { arg, message })
     };
     let (from, to) = (bound(&args.from, "from")?, bound(&args.to, "to")?);
-    let client = HistoryClient::connect(config, Duration::from_secs(args.timeout)).await?;
+    let client = HistoryClient::connect(config, Duration::from_secs(args.output.timeout)).await?;
     let spec = args.kind.record_type().spec();
     let mut out = RowWriter::new(
         std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock()),
-        args.format,
-        args.tz,
+        args.output.format,
+        args.output.tz,
         Column::of(spec),
     );
     let mut cursor: Option<String> = None;
@@ -126,8 +119,8 @@ pub async fn run(config: &Config, args: HistoryArgs) -> Result<(), HistoryCliErr
             "no {} for {} from {} to {}",
             args.kind.name(),
             args.symbol.trim().to_ascii_uppercase(),
-            args.tz.format(from.start),
-            args.tz.format(to.end),
+            args.output.tz.format(from.start),
+            args.output.tz.format(to.end),
         );
     }
     Ok(())

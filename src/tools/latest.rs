@@ -10,22 +10,7 @@ use tickvault::config::Config;
 use tickvault::history::request::MAX_SYMBOLS;
 
 use super::client::{ClientError, HistoryClient, Kind};
-use super::render::{reader_gone, Column, ColumnKind, Format, RowWriter};
-use super::time::Tz;
-
-/// How the output looks, shared by `latest` and `symbols`.
-#[derive(Debug, clap::Args)]
-pub struct Output {
-    /// Output: table (fixed-width columns), json (JSON lines) or csv.
-    #[arg(long, value_enum, default_value = "table")]
-    pub format: Format,
-    /// Zone of the printed timestamps: market (UTC+7) or utc.
-    #[arg(long, value_enum, default_value = "market")]
-    pub tz: Tz,
-    /// Seconds to wait for the reply.
-    #[arg(long, default_value_t = 30)]
-    pub timeout: u64,
-}
+use super::render::{reader_gone, Column, ColumnKind, Output, RowWriter};
 
 /// The newest row of each symbol (a watch-list), or of every symbol.
 #[derive(Debug, clap::Args)]

@@ -300,3 +300,17 @@ mod tests {
         assert!(out.is_empty());
     }
 }
+
+/// How the history tools' output looks: `history`, `latest` and `symbols`.
+#[derive(Debug, clap::Args)]
+pub struct Output {
+    /// Output: table (fixed-width columns), json (JSON lines) or csv.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+    /// Zone of the printed timestamps: market (UTC+7) or utc.
+    #[arg(long, value_enum, default_value = "market")]
+    pub tz: super::time::Tz,
+    /// Seconds to wait for each reply.
+    #[arg(long, default_value_t = 30)]
+    pub timeout: u64,
+}

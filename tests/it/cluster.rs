@@ -239,16 +239,7 @@ async fn stream_replicas_creates_r3_streams_and_an_existing_stream_is_used_as_it
         (response.status() == 200).then_some(())
     })
     .await;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(worker.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = wait_for(Duration::from_secs(30), "the worker to exit", || {
-        let status = worker.try_wait().unwrap();
-        async move { status }
-    })
-    .await;
+    let status = crate::helpers::terminate(&mut worker, Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(0));
 
     assert_eq!(

@@ -111,20 +111,7 @@ async fn secrets_never_reach_the_logs() {
         },
     )
     .await;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = crate::helpers::wait_for(
-        std::time::Duration::from_secs(30),
-        "the worker to exit after SIGTERM",
-        || {
-            let status = child.try_wait().unwrap();
-            async move { status }
-        },
-    )
-    .await;
+    let status = crate::helpers::terminate(&mut child, std::time::Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(0));
     let logged = std::fs::read_to_string(&log_path).unwrap();
     assert!(

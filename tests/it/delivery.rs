@@ -11,7 +11,8 @@ use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
 
 use crate::helpers::{
-    spawn_app, start, test_config, wait_for, StreamCleanup, TestApp, TestDatabase,
+    spawn_app, spawn_app_on_private_pg, start, test_config, wait_for, StreamCleanup, TestApp,
+    TestDatabase,
 };
 use crate::ingest::tick;
 
@@ -573,22 +574,14 @@ async fn with_the_database_down_memory_is_bounded_by_the_queue_and_one_pull() {
 
 #[tokio::test]
 async fn a_core_mode_flood_with_the_database_down_counts_every_drop() {
-    let mut pg = crate::helpers::PgServer::start();
-    let db = TestDatabase::create_on(&pg.admin_url()).await;
-    let mut config = test_config(&db.url, &crate::helpers::shared_nats_url());
-    config.ingest.mode = tickvault::config::IngestMode::Core;
-    config.ingest.queue_capacity = 1_000;
-    config.ingest.flush_interval_ms = 100;
-    let mut app = start(config).await;
-    app.set_database(Some(db));
-    app.wait_ready().await;
-    pg.stop();
-    wait_for(
-        Duration::from_secs(30),
-        "the database seen down",
-        || async { (app.health().await["database"] == "down").then_some(()) },
-    )
+    let (mut pg, mut app) = spawn_app_on_private_pg(|config| {
+        config.ingest.mode = tickvault::config::IngestMode::Core;
+        config.ingest.queue_capacity = 1_000;
+        config.ingest.flush_interval_ms = 100;
+    })
     .await;
+    pg.stop();
+    app.wait_database_down().await;
 
     // A flood in chunks, each taken before the next (so the client's own
     // buffer never overflows): 3,000 valid ticks and 10 bad messages.

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::helpers::tickvault;
 use crate::helpers::{wait_for, TestApp};
-use crate::history::tickvault;
 use crate::ingest::{candle, tick};
 
 /// 2026-11-26 09:15 +07:00

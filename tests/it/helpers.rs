@@ -188,6 +188,62 @@ pub async fn spawn_app_with(
     app
 }
 
+/// Like [`spawn_app`], on a database of a private PostgreSQL that the test
+/// can stop and start (dropped after the app).
+pub async fn spawn_app_on_private_pg(customize: impl FnOnce(&mut Config)) -> (PgServer, TestApp) {
+    let pg = PgServer::start();
+    let db = TestDatabase::create_on(&pg.admin_url()).await;
+    let app = spawn_app_with(db, &shared_nats_url(), customize).await;
+    (pg, app)
+}
+
+/// `tickvault <args>` against the app's services; no configuration file.
+pub fn tickvault_command(app: &TestApp) -> std::process::Command {
+    // An empty directory: no tickvault.toml is read.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("tickvault-cli");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tickvault"));
+    command
+        .current_dir(dir)
+        .env("NATS_URL", app.config.nats.url.expose())
+        .env("DATABASE_URL", app.config.database.url.expose())
+        .env(
+            "TICKVAULT_HISTORY__SUBJECT_PREFIX",
+            &app.config.history.subject_prefix,
+        )
+        .env(
+            "TICKVAULT_INGEST__SUBJECT_PREFIX",
+            &app.config.ingest.subject_prefix,
+        )
+        .env("TICKVAULT_INGEST__STREAM", &app.config.ingest.stream)
+        .env("RUST_LOG", "error");
+    command
+}
+
+pub fn tickvault(app: &TestApp, args: &[&str]) -> std::process::Output {
+    tickvault_command(app)
+        .args(args)
+        .output()
+        .expect("the tickvault binary runs")
+}
+
+/// Sends SIGTERM to a worker process and waits, within `bound`, for its exit.
+pub async fn terminate(
+    child: &mut std::process::Child,
+    bound: Duration,
+) -> std::process::ExitStatus {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    wait_for(bound, "the worker to exit after SIGTERM", || {
+        let status = child.try_wait().unwrap();
+        async move { status }
+    })
+    .await
+}
+
 /// Starts the application with `config` as it is, without waiting for readiness.
 pub async fn start(config: Config) -> TestApp {
     // Logs only when asked for: `RUST_LOG=info cargo test`.
@@ -253,6 +309,16 @@ impl TestApp {
         wait_for(Duration::from_secs(30), "/ready to answer 200", || async {
             (self.ready_status().await == 200).then_some(())
         })
+        .await
+    }
+
+    /// Waits until `/health` reports the database down.
+    pub async fn wait_database_down(&self) {
+        wait_for(
+            Duration::from_secs(30),
+            "/health to report the database down",
+            || async { (self.health().await["database"] == "down").then_some(()) },
+        )
         .await
     }
 

@@ -11,8 +11,8 @@ use sqlx::PgPool;
 use tickvault::records::{FieldType, RecordType};
 
 use crate::helpers::{
-    shared_nats_url, spawn_app, start, test_config, wait_for, NatsServer, PgServer, TestApp,
-    TestDatabase,
+    spawn_app, spawn_app_on_private_pg, start, test_config, tickvault, tickvault_command, wait_for,
+    NatsServer, TestApp, TestDatabase,
 };
 
 const SMALL_PAYLOAD: usize = 65_536;
@@ -708,10 +708,7 @@ async fn hostile_requests_get_400_with_headers_and_change_nothing() {
 
 #[tokio::test]
 async fn database_down_gives_503_with_retry_after_then_200_when_back() {
-    let mut pg = PgServer::start();
-    let db = TestDatabase::create_on(&pg.admin_url()).await;
-    let app = start(test_config(&db.url, &shared_nats_url())).await;
-    app.wait_ready().await;
+    let (mut pg, app) = spawn_app_on_private_pg(|_| {}).await;
     insert(
         &app.pool,
         RecordType::Candle,
@@ -806,36 +803,6 @@ async fn the_service_answers_ping_info_and_stats() {
         .cloned()
         .expect("an index endpoint");
     assert_eq!(index["num_requests"], 1, "{index}");
-}
-
-/// `tickvault <args>` against the app's services; no configuration file.
-pub(crate) fn tickvault_command(app: &TestApp) -> std::process::Command {
-    // An empty directory: no tickvault.toml is read.
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("tickvault-cli");
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tickvault"));
-    command
-        .current_dir(dir)
-        .env("NATS_URL", app.config.nats.url.expose())
-        .env("DATABASE_URL", app.config.database.url.expose())
-        .env(
-            "TICKVAULT_HISTORY__SUBJECT_PREFIX",
-            &app.config.history.subject_prefix,
-        )
-        .env(
-            "TICKVAULT_INGEST__SUBJECT_PREFIX",
-            &app.config.ingest.subject_prefix,
-        )
-        .env("TICKVAULT_INGEST__STREAM", &app.config.ingest.stream)
-        .env("RUST_LOG", "error");
-    command
-}
-
-pub(crate) fn tickvault(app: &TestApp, args: &[&str]) -> std::process::Output {
-    tickvault_command(app)
-        .args(args)
-        .output()
-        .expect("the tickvault binary runs")
 }
 
 fn cli(app: &TestApp, args: &[&str]) -> std::process::Output {

@@ -8,7 +8,8 @@ use sqlx::Row;
 use tickvault::records::{FieldType, RecordType};
 
 use crate::helpers::{
-    metric_value, spawn_app, start, test_config, wait_for, PgServer, TestDatabase,
+    metric_value, spawn_app, spawn_app_on_private_pg, start, test_config, wait_for, PgServer,
+    TestDatabase,
 };
 
 pub fn tick(symbol: &str, ts_ms: i64, seq: i64, price: f64) -> Value {
@@ -429,26 +430,18 @@ async fn an_older_version_redelivered_after_a_newer_one_is_ignored() {
 
 #[tokio::test]
 async fn a_full_queue_stops_intake_waits_for_the_database_and_loses_nothing() {
-    let mut pg = PgServer::start();
-    let db = TestDatabase::create_on(&pg.admin_url()).await;
-    let mut config = test_config(&db.url, &crate::helpers::shared_nats_url());
-    config.ingest.queue_capacity = 1000;
-    config.ingest.max_records_per_message = 100;
-    config.ingest.batch_size = 100;
-    config.ingest.max_batch_rows = 200;
-    config.ingest.flush_interval_ms = 100;
-    config.ingest.fetch_batch = 5;
-    let mut app = start(config).await;
-    app.set_database(Some(db));
-    app.wait_ready().await;
+    let (mut pg, mut app) = spawn_app_on_private_pg(|config| {
+        config.ingest.queue_capacity = 1000;
+        config.ingest.max_records_per_message = 100;
+        config.ingest.batch_size = 100;
+        config.ingest.max_batch_rows = 200;
+        config.ingest.flush_interval_ms = 100;
+        config.ingest.fetch_batch = 5;
+    })
+    .await;
 
     pg.stop();
-    wait_for(
-        Duration::from_secs(30),
-        "the database to be seen down",
-        || async { (app.health().await["database"] == "down").then_some(()) },
-    )
-    .await;
+    app.wait_database_down().await;
     let total = 3000;
     for m in 0..30 {
         let records: Vec<Value> = (0..100)

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use sqlx::Row;
 use tickvault::config::IngestMode;
 
-use crate::helpers::{spawn_app, start, test_config, wait_for, PgServer, TestApp, TestDatabase};
+use crate::helpers::{spawn_app, spawn_app_on_private_pg, wait_for, TestApp};
 use crate::ingest::tick;
 
 const T0: i64 = 1_764_120_903_000;
@@ -82,17 +82,14 @@ async fn lag(app: &TestApp, record_type: &str) -> f64 {
 
 #[tokio::test]
 async fn pending_and_lag_rise_during_a_stall_and_fall_back_after_recovery() {
-    let mut pg = PgServer::start();
-    let db = TestDatabase::create_on(&pg.admin_url()).await;
-    let mut config = test_config(&db.url, &crate::helpers::shared_nats_url());
-    config.ingest.queue_capacity = 20;
-    config.ingest.fetch_batch = 5;
-    config.ingest.batch_size = 10;
-    config.ingest.flush_interval_ms = 100;
-    config.ingest.lag_interval_ms = 1_000;
-    let mut app = start(config).await;
-    app.set_database(Some(db));
-    app.wait_ready().await;
+    let (mut pg, mut app) = spawn_app_on_private_pg(|config| {
+        config.ingest.queue_capacity = 20;
+        config.ingest.fetch_batch = 5;
+        config.ingest.batch_size = 10;
+        config.ingest.flush_interval_ms = 100;
+        config.ingest.lag_interval_ms = 1_000;
+    })
+    .await;
     for seq in 0..10 {
         app.publish_json("tick", "FPT", &tick("FPT", T0, seq, 10.0))
             .await;
@@ -175,15 +172,12 @@ async fn pending_and_lag_rise_during_a_stall_and_fall_back_after_recovery() {
 
 #[tokio::test]
 async fn core_mode_lag_comes_from_held_messages_and_pending_stays_0() {
-    let mut pg = PgServer::start();
-    let db = TestDatabase::create_on(&pg.admin_url()).await;
-    let mut config = test_config(&db.url, &crate::helpers::shared_nats_url());
-    config.ingest.mode = IngestMode::Core;
-    config.ingest.lag_interval_ms = 1_000;
-    config.ingest.flush_interval_ms = 100;
-    let mut app = start(config).await;
-    app.set_database(Some(db));
-    app.wait_ready().await;
+    let (mut pg, mut app) = spawn_app_on_private_pg(|config| {
+        config.ingest.mode = IngestMode::Core;
+        config.ingest.lag_interval_ms = 1_000;
+        config.ingest.flush_interval_ms = 100;
+    })
+    .await;
 
     pg.stop();
     for seq in 0..5 {
@@ -458,8 +452,8 @@ fn panels(dashboard: &Value) -> Vec<&Value> {
         .collect()
 }
 
-fn yaml(path: &str) -> serde_yaml::Value {
-    serde_yaml::from_str(&read(path)).unwrap_or_else(|e| panic!("{path} is YAML: {e}"))
+fn yaml(path: &str) -> serde_yaml_ng::Value {
+    serde_yaml_ng::from_str(&read(path)).unwrap_or_else(|e| panic!("{path} is YAML: {e}"))
 }
 
 #[test]
@@ -769,7 +763,7 @@ async fn every_market_dashboard_query_runs_on_the_contract_tables_through_their_
     assert_eq!(bars.len(), 60, "300 minutes in 5-minute bars");
 }
 
-fn compose() -> serde_yaml::Value {
+fn compose() -> serde_yaml_ng::Value {
     yaml("docker-compose.prod.yml")
 }
 

@@ -12,7 +12,7 @@ use serde_json::json;
 use sqlx::PgPool;
 
 use crate::helpers::{
-    free_port, shared_nats_url, spawn_app, spawn_app_with, unique, wait_for, PgServer,
+    free_port, shared_nats_url, spawn_app, spawn_app_on_private_pg, unique, wait_for,
     StreamCleanup, TestDatabase,
 };
 use crate::history::{ask, ask_raw, fetch_all, local, subject, Reply};
@@ -501,16 +501,9 @@ async fn four_hundred_one_megabyte_requests_keep_memory_bounded_and_expired_ones
 /// endpoint are each answered 503 within a second (no pool wait).
 #[tokio::test(flavor = "multi_thread")]
 async fn with_the_database_down_64_requests_are_refused_within_a_second() {
-    let mut pg = PgServer::start();
-    let db = TestDatabase::create_on(&pg.admin_url()).await;
-    let app = spawn_app_with(db, &shared_nats_url(), |_| {}).await;
+    let (mut pg, app) = spawn_app_on_private_pg(|_| {}).await;
     pg.stop();
-    wait_for(
-        Duration::from_secs(30),
-        "/health to say the database is down",
-        || async { (app.health().await["database"] == "down").then_some(()) },
-    )
-    .await;
+    app.wait_database_down().await;
 
     let requests = (0..64).map(|i| {
         let (kind, body) = match i % 4 {

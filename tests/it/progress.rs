@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use crate::helpers::tickvault_command;
 use crate::helpers::{
     free_port, shared_nats_url, spawn_app, test_config, unique, wait_for, StreamCleanup,
     TestDatabase,
 };
-use crate::history::tickvault_command;
 
 fn stderr_of(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).to_string()
@@ -261,15 +261,6 @@ async fn the_worker_logs_a_periodic_summary() {
         },
     )
     .await;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(worker.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = wait_for(Duration::from_secs(40), "the worker to exit", || {
-        let status = worker.try_wait().unwrap();
-        async move { status }
-    })
-    .await;
+    let status = crate::helpers::terminate(&mut worker, Duration::from_secs(40)).await;
     assert_eq!(status.code(), Some(0));
 }

@@ -230,14 +230,17 @@ async fn run_local_under_timeout_leaves_nothing_behind() {
     let log = logs.path().join("run-local.log");
     let mut job = run_local(
         "timeout",
-        &["-s", "INT", "30", "bash"],
+        &["-s", "INT", "600", "bash"],
         tmp.path(),
         &log,
         free_port(),
     );
-    // Note every process of the run until `timeout` stops it.
+    // Note every process of the run until `timeout` stops it. Its time runs
+    // out once everything is up: SIGALRM is the alarm `timeout` itself sets,
+    // so this is its expiry, without racing a slow start-up on a busy machine.
     let mut seen: Vec<(i32, String)> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(150);
+    let mut expired = false;
+    let deadline = Instant::now() + Duration::from_secs(240);
     let status = loop {
         if let Some(status) = job.0.try_wait().unwrap() {
             break status;
@@ -251,6 +254,11 @@ async fn run_local_under_timeout_leaves_nothing_behind() {
             if !seen.contains(&process) {
                 seen.push(process);
             }
+        }
+        if !expired && read(&log).contains("run-local: running.") {
+            let timeout = nix::unistd::Pid::from_raw(job.0.id() as i32);
+            nix::sys::signal::kill(timeout, nix::sys::signal::Signal::SIGALRM).unwrap();
+            expired = true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };

@@ -20,8 +20,8 @@ use tickvault::ops::metrics::DbFailureKind;
 use tickvault::secret::SecretUrl;
 
 use crate::helpers::{
-    free_port, shared_nats_url, spawn_app, start, test_config, try_metric_value, unique, wait_for,
-    NatsServer, PgServer, StreamCleanup, TestApp, TestDatabase,
+    free_port, shared_nats_url, spawn_app, start, test_config, tickvault, try_metric_value, unique,
+    wait_for, NatsServer, PgServer, StreamCleanup, TestApp, TestDatabase,
 };
 
 /// Needs percent-encoding in a URL; given as a file it needs nothing.
@@ -334,16 +334,7 @@ async fn a_wrong_password_is_reported_once_as_auth_failed_and_never_logged() {
         "after an authentication failure the next check waits the longest interval (15 s ± 20 %), waited {:?}",
         first_seen.elapsed()
     );
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(worker.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = wait_for(Duration::from_secs(30), "the worker to exit", || {
-        let status = worker.try_wait().unwrap();
-        async move { status }
-    })
-    .await;
+    let status = crate::helpers::terminate(&mut worker, Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(0));
     let logged = std::fs::read_to_string(&log_path).unwrap();
     let reports: Vec<&str> = logged
@@ -858,14 +849,9 @@ async fn a_server_list_whose_first_server_is_down_still_connects() {
     };
     app.publish_json("tick", "FPT", &tick("FPT", 1)).await;
     app.wait_for_rows("tick_data", 1).await;
-    let output = Command::new(env!("CARGO_BIN_EXE_tickvault"))
-        .env("NATS_URL", &list)
-        .env(
-            "TICKVAULT_HISTORY__SUBJECT_PREFIX",
-            &app.config.history.subject_prefix,
-        )
-        .env("RUST_LOG", "error")
-        .args([
+    let output = tickvault(
+        &app,
+        &[
             "history",
             "ticks",
             "FPT",
@@ -873,10 +859,12 @@ async fn a_server_list_whose_first_server_is_down_still_connects() {
             "2026-11-26",
             "--to",
             "2026-11-26",
-        ])
-        .args(["--format", "csv", "--timeout", "10"])
-        .output()
-        .unwrap();
+            "--format",
+            "csv",
+            "--timeout",
+            "10",
+        ],
+    );
     assert!(
         output.status.success(),
         "{}",
