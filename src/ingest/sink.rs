@@ -13,6 +13,10 @@
 //! slowest pace (an operator must act), and refused data goes to bad-row
 //! isolation, where a row refused alone is dead-lettered. Each write is
 //! bounded on both sides by the lifecycle's write timeout.
+//!
+//! Rows that did not come from NATS (a back-fill from files) take the same
+//! path through [`Sink::write_rows`]: nothing to acknowledge, and the rows
+//! PostgreSQL refuses go back to the caller instead of the dead letters.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
@@ -68,17 +72,32 @@ impl Statements {
         let on_conflict = match spec.conflict {
             Conflict::KeepFirst => "DO NOTHING".to_string(),
             Conflict::NewestWins => {
-                let updates = columns
+                let updated: Vec<&String> = columns
                     .iter()
                     .filter(|c| !spec.key.iter().any(|k| format!("\"{k}\"") == **c))
+                    .collect();
+                let updates = updated
+                    .iter()
                     .map(|c| format!("{c} = EXCLUDED.{c}"))
                     .collect::<Vec<_>>()
                     .join(", ");
+                let list = |prefix: &str| {
+                    updated
+                        .iter()
+                        .map(|c| format!("{prefix}.{c}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
                 // A lower stream sequence never overwrites a higher one; core
                 // mode has no sequence (NULL), so there the last write wins.
+                // A version equal to the stored one is left alone, so writing
+                // the same rows again changes (and counts) nothing.
                 format!(
-                    "DO UPDATE SET {updates} WHERE {table}.stream_seq IS NULL \
-                     OR EXCLUDED.stream_seq IS NULL OR {table}.stream_seq <= EXCLUDED.stream_seq"
+                    "DO UPDATE SET {updates} WHERE ({table}.stream_seq IS NULL \
+                     OR EXCLUDED.stream_seq IS NULL OR {table}.stream_seq <= EXCLUDED.stream_seq) \
+                     AND ({}) IS DISTINCT FROM ({})",
+                    list(table),
+                    list("EXCLUDED"),
                 )
             }
         };
@@ -100,7 +119,8 @@ impl Statements {
 
 /// How writing some rows ended, after every retry.
 enum Written {
-    Done,
+    /// Committed: this many rows were new or changed a stored row.
+    Done(u64),
     /// PostgreSQL refused the data itself: retrying the same rows cannot help.
     Refused(sqlx::Error),
     /// Shutdown's grace period ended first: the messages are handed back.
@@ -142,12 +162,28 @@ const MERGE_STREAK: u32 = 16;
 const FIRST_RETRY: Duration = Duration::from_millis(200);
 const LAST_RETRY: Duration = Duration::from_secs(10);
 
+/// What [`Sink::write_rows`] did with rows that did not come from NATS.
+#[derive(Debug, Default)]
+pub struct RowsWritten {
+    /// Rows that were new or changed a stored row. A row already stored
+    /// with the same values, a tick whose key is stored, or a row whose key
+    /// repeats later in the same rows (the later one is written) is not counted.
+    pub changed: u64,
+    /// Rows PostgreSQL refused although they passed every rule: their
+    /// index in the rows given, and why.
+    pub refused: Vec<(usize, Reject)>,
+    /// `give_up` fired before every row was written: some or none were.
+    pub gave_up: bool,
+}
+
 pub struct Sink {
     spec: &'static RecordSpec,
     statements: Statements,
     db: Database,
     metrics: Arc<Metrics>,
-    dead_letters: DeadLetters,
+    /// `None` for rows that do not come from NATS ([`Sink::for_rows`]):
+    /// their refusals go back to the caller.
+    dead_letters: Option<DeadLetters>,
     lifecycle: Lifecycle,
     /// Fired when shutdown can wait no longer for the database.
     give_up: CancellationToken,
@@ -167,13 +203,28 @@ impl Sink {
         lifecycle: Lifecycle,
         give_up: CancellationToken,
     ) -> Self {
+        let mut sink = Sink::for_rows(record_type, db, metrics, lifecycle, give_up);
+        sink.dead_letters = Some(dead_letters);
+        sink
+    }
+
+    /// A sink for rows that do not come from NATS, written with
+    /// [`write_rows`](Self::write_rows): same statements, conflict rules,
+    /// retries and bad-row isolation, nothing to acknowledge or dead-letter.
+    pub fn for_rows(
+        record_type: RecordType,
+        db: Database,
+        metrics: Arc<Metrics>,
+        lifecycle: Lifecycle,
+        give_up: CancellationToken,
+    ) -> Self {
         let spec = record_type.spec();
         Sink {
             spec,
             statements: Statements::new(spec),
             db,
             metrics,
-            dead_letters,
+            dead_letters: None,
             lifecycle,
             give_up,
             merges_ahead: AtomicU32::new(0),
@@ -192,10 +243,10 @@ impl Sink {
         // Counted as sent: a key repeated within the batch is one row in
         // the table but every message's rows were written.
         let rows = batch.iter().map(|d| d.rows.len()).sum();
-        let staged = stage(self.spec, batch);
+        let staged = stage(self.spec, messages(batch));
         let data = self.encode(&staged);
         match self.write_retrying(&data, rows).await {
-            Written::Done => {
+            Written::Done(_) => {
                 self.metrics.flushed(
                     self.record_type(),
                     trigger,
@@ -211,6 +262,47 @@ impl Sink {
                 vec![Outcome::Abandoned; batch.len()]
             }
         }
+    }
+
+    /// Writes rows that did not come from NATS (no stream sequence: in a
+    /// newest-wins table they overwrite what is stored, and a later row with
+    /// the same key wins over an earlier one), retrying while the database
+    /// is unavailable. When PostgreSQL refuses the rows, each is written
+    /// alone and those it refuses are returned with the reason.
+    pub async fn write_rows(&self, rows: &[Vec<Value>]) -> RowsWritten {
+        let staged = stage(self.spec, [(rows, None)]);
+        match self
+            .write_retrying(&self.encode(&staged), staged.len())
+            .await
+        {
+            Written::Done(changed) => RowsWritten {
+                changed,
+                ..RowsWritten::default()
+            },
+            Written::GaveUp => RowsWritten {
+                gave_up: true,
+                ..RowsWritten::default()
+            },
+            Written::Refused(_) => self.write_alone(&staged).await,
+        }
+    }
+
+    /// Writes each row in its own transaction, collecting those PostgreSQL
+    /// refuses; stops when `give_up` fires.
+    async fn write_alone(&self, staged: &[StagedRow<'_>]) -> RowsWritten {
+        let mut result = RowsWritten::default();
+        for row in staged {
+            let one = self.encode(std::slice::from_ref(row));
+            match self.write_retrying(&one, 1).await {
+                Written::Done(changed) => result.changed += changed,
+                Written::Refused(e) => result.refused.push((row.index, refusal(&e))),
+                Written::GaveUp => {
+                    result.gave_up = true;
+                    break;
+                }
+            }
+        }
+        result
     }
 
     fn gave_up(&self, left: &[Delivery]) {
@@ -235,11 +327,11 @@ impl Sink {
                 attempt = tokio::time::timeout(bound, self.write(data, timeout)) => attempt,
             };
             let (error, failure) = match attempt {
-                Ok(Ok(())) => {
+                Ok(Ok(changed)) => {
                     if self.failing.swap(0, Ordering::Relaxed) != 0 {
                         self.metrics.writes_recovered(self.record_type());
                     }
-                    return Written::Done;
+                    return Written::Done(changed);
                 }
                 Ok(Err(e)) => {
                     let failure = failure(&e);
@@ -283,8 +375,9 @@ impl Sink {
     }
 
     /// One transaction: the direct COPY, or on a key conflict the staging
-    /// merge. Every statement is bounded server-side by `timeout`.
-    async fn write(&self, data: &str, timeout: Duration) -> Result<(), sqlx::Error> {
+    /// merge. Every statement is bounded server-side by `timeout`. Returns
+    /// how many rows were new or changed a stored row.
+    async fn write(&self, data: &str, timeout: Duration) -> Result<u64, sqlx::Error> {
         let mut conn = WriteConnection {
             conn: self.db.pool.acquire().await?,
             settled: false,
@@ -299,7 +392,7 @@ impl Sink {
         conn: &mut PgConnection,
         data: &str,
         timeout: Duration,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<u64, sqlx::Error> {
         let bound = format!(
             "SET LOCAL statement_timeout = {}",
             timeout.as_millis().max(1)
@@ -311,7 +404,7 @@ impl Sink {
         if !merge_now {
             let mut tx = conn.begin_with(format!("BEGIN; {bound}")).await?;
             match copy(&mut tx, &self.statements.copy_direct, data).await {
-                Ok(()) => return tx.commit().await,
+                Ok(copied) => return tx.commit().await.map(|()| copied),
                 Err(e) if !is_unique_violation(&e) => return Err(e),
                 Err(_) => {
                     tx.rollback().await?;
@@ -329,10 +422,11 @@ impl Sink {
             .execute(&mut *tx)
             .await?;
         copy(&mut tx, &self.statements.copy_staging, data).await?;
-        sqlx::query(&self.statements.merge)
+        let merged = sqlx::query(&self.statements.merge)
             .execute(&mut *tx)
-            .await?;
-        tx.commit().await
+            .await?
+            .rows_affected();
+        tx.commit().await.map(|()| merged)
     }
 
     /// PostgreSQL refused data that passed validation: write each message,
@@ -347,34 +441,23 @@ impl Sink {
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut written = 0;
         for (done, delivery) in batch.iter().enumerate() {
-            let staged = stage(self.spec, std::slice::from_ref(delivery));
+            let staged = stage(self.spec, messages(std::slice::from_ref(delivery)));
             let outcome = match self
                 .write_retrying(&self.encode(&staged), staged.len())
                 .await
             {
-                Written::Done => {
+                Written::Done(_) => {
                     written += delivery.rows.len();
                     Outcome::Written
                 }
                 Written::GaveUp => Outcome::Abandoned,
                 Written::Refused(_) => {
-                    let mut refused = Vec::new();
-                    let mut abandoned = false;
-                    for row in &staged {
-                        let one = self.encode(std::slice::from_ref(row));
-                        match self.write_retrying(&one, 1).await {
-                            Written::Done => written += 1,
-                            Written::Refused(e) => refused.push((row.index, refusal(&e))),
-                            Written::GaveUp => {
-                                abandoned = true;
-                                break;
-                            }
-                        }
-                    }
-                    if abandoned {
+                    let alone = self.write_alone(&staged).await;
+                    if alone.gave_up {
                         Outcome::Abandoned
                     } else {
-                        self.dead_letter_refused(delivery, refused).await
+                        written += staged.len() - alone.refused.len();
+                        self.dead_letter_refused(delivery, alone.refused).await
                     }
                 }
             };
@@ -415,10 +498,15 @@ impl Sink {
                 reject,
             })
             .collect();
-        let unstored = self
-            .dead_letters
-            .send_all(self.record_type(), delivery, Origin::Database, &rejected)
-            .await;
+        let unstored = match &self.dead_letters {
+            Some(dead_letters) => {
+                dead_letters
+                    .send_all(self.record_type(), delivery, Origin::Database, &rejected)
+                    .await
+            }
+            // Nowhere to keep them: the lifecycle retries, then terminates.
+            None => rejected.len(),
+        };
         Outcome::DeadLettered {
             rejects: rejected.into_iter().map(|r| r.reject).collect(),
             unstored,
@@ -465,15 +553,24 @@ fn refusal(error: &sqlx::Error) -> Reject {
     Reject::new(RejectReason::DatabaseRejected, detail)
 }
 
-/// The batch's rows with in-batch duplicate keys resolved by the type's
-/// rule: a tick keeps its first version, the other types the newest (the
-/// higher stream sequence; within one message, the later record).
-fn stage<'a>(spec: &RecordSpec, batch: &'a [Delivery]) -> Vec<StagedRow<'a>> {
+/// Each message's rows with its stream sequence, as [`stage`] takes them.
+fn messages(batch: &[Delivery]) -> impl Iterator<Item = (&[Vec<Value>], Option<u64>)> {
+    batch.iter().map(|d| (&d.rows[..], d.stream_seq))
+}
+
+/// The batch's rows — each message's rows with its stream sequence — with
+/// in-batch duplicate keys resolved by the type's rule: a tick keeps its
+/// first version, the other types the newest (the higher stream sequence;
+/// within one message, or without sequences, the later record).
+fn stage<'a>(
+    spec: &RecordSpec,
+    batch: impl IntoIterator<Item = (&'a [Vec<Value>], Option<u64>)>,
+) -> Vec<StagedRow<'a>> {
     let key_positions = spec.key_positions();
     let mut by_key: HashMap<String, usize> = HashMap::new();
     let mut staged: Vec<StagedRow<'a>> = Vec::new();
-    for delivery in batch {
-        for (index, values) in delivery.rows.iter().enumerate() {
+    for (rows, stream_seq) in batch {
+        for (index, values) in rows.iter().enumerate() {
             let mut key = String::new();
             for &p in &key_positions {
                 values[p].write_copy_text(&mut key);
@@ -481,7 +578,7 @@ fn stage<'a>(spec: &RecordSpec, batch: &'a [Delivery]) -> Vec<StagedRow<'a>> {
             }
             let row = StagedRow {
                 values,
-                stream_seq: delivery.stream_seq,
+                stream_seq,
                 index,
             };
             match by_key.get(&key) {
@@ -502,14 +599,15 @@ fn stage<'a>(spec: &RecordSpec, batch: &'a [Delivery]) -> Vec<StagedRow<'a>> {
     staged
 }
 
-async fn copy(conn: &mut PgConnection, statement: &str, data: &str) -> Result<(), sqlx::Error> {
+/// Returns the number of rows copied.
+async fn copy(conn: &mut PgConnection, statement: &str, data: &str) -> Result<u64, sqlx::Error> {
     let mut copy = conn.copy_in_raw(statement).await?;
     if let Err(e) = copy.send(data.as_bytes()).await {
         // A COPY is always finished or aborted, never left open.
         let _ = copy.abort("tickvault: send failed").await;
         return Err(e);
     }
-    copy.finish().await.map(|_| ())
+    copy.finish().await
 }
 
 fn is_unique_violation(error: &sqlx::Error) -> bool {
@@ -572,7 +670,7 @@ mod tests {
             ),
             Delivery::for_test(vec![tick("FPT", 1, 55.0)], Some(6)),
         ];
-        let staged = stage(RecordType::Tick.spec(), &ticks);
+        let staged = stage(RecordType::Tick.spec(), messages(&ticks));
         let kept: Vec<(f64, usize)> = staged
             .iter()
             .map(|r| (r.values[2].as_f64().unwrap(), r.index))
@@ -592,7 +690,7 @@ mod tests {
                 Some(4),
             ),
         ];
-        let staged = stage(RecordType::Candle.spec(), &candles);
+        let staged = stage(RecordType::Candle.spec(), messages(&candles));
         let kept: Vec<(String, f64, Option<u64>)> = staged
             .iter()
             .map(|r| {
@@ -614,12 +712,17 @@ mod tests {
             vec![candle("FPT", 1.0), candle("FPT", 2.0)],
             Some(4),
         )];
-        let staged = stage(RecordType::Candle.spec(), &within_one);
+        let staged = stage(RecordType::Candle.spec(), messages(&within_one));
         assert_eq!(
             (staged.len(), staged[0].index),
             (1, 1),
             "the later record of a message"
         );
+        // Rows from outside NATS have no sequence: the later row wins.
+        let rows = [candle("FPT", 1.0), candle("VNM", 7.0), candle("FPT", 2.0)];
+        let staged = stage(RecordType::Candle.spec(), [(&rows[..], None)]);
+        let kept: Vec<usize> = staged.iter().map(|r| r.index).collect();
+        assert_eq!(kept, [2, 1]);
     }
 
     #[test]
@@ -655,5 +758,16 @@ mod tests {
         assert!(candle
             .merge
             .contains("candles_1m.stream_seq <= EXCLUDED.stream_seq"));
+        assert!(
+            candle.merge.ends_with(
+                "AND (candles_1m.\"open\", candles_1m.\"high\", candles_1m.\"low\", \
+                 candles_1m.\"close\", candles_1m.\"volume\", candles_1m.\"value\", \
+                 candles_1m.stream_seq) IS DISTINCT FROM (EXCLUDED.\"open\", \
+                 EXCLUDED.\"high\", EXCLUDED.\"low\", EXCLUDED.\"close\", \
+                 EXCLUDED.\"volume\", EXCLUDED.\"value\", EXCLUDED.stream_seq)"
+            ),
+            "an equal version is left alone: {}",
+            candle.merge
+        );
     }
 }

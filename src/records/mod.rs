@@ -9,6 +9,8 @@ pub use field::{
     Value,
 };
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value as Json};
 
 /// One of the five market-data types; its [`name`](RecordType::name) is the
@@ -288,9 +290,33 @@ impl RecordSpec {
         let object: &Map<String, Json> = record.as_object().ok_or_else(|| {
             Reject::new(RejectReason::InvalidShape, "a record must be a JSON object")
         })?;
+        self.parse_fields(|_, field| object.get(field.name).map(Cow::Borrowed))
+    }
+
+    /// Validates one record given as text, such as a CSV line: `cell(i)` is
+    /// the text of the `i`-th of [`fields`](Self::fields), `None` or blank
+    /// when absent. Each cell becomes the JSON value it spells
+    /// ([`FieldType::json_from_text`]), so text follows exactly the rules
+    /// of [`parse_record`](Self::parse_record).
+    pub fn parse_text_record<'t>(
+        &self,
+        cell: impl Fn(usize) -> Option<&'t str>,
+    ) -> Result<Vec<Value>, Reject> {
+        self.parse_fields(|i, field| {
+            let text = cell(i)?.trim();
+            (!text.is_empty()).then(|| Cow::Owned(field.ty.json_from_text(text)))
+        })
+    }
+
+    /// Checks each field's value as `get` finds it (`None`: absent), then
+    /// the rule across fields.
+    fn parse_fields<'j>(
+        &self,
+        mut get: impl FnMut(usize, &Field) -> Option<Cow<'j, Json>>,
+    ) -> Result<Vec<Value>, Reject> {
         let mut row = Vec::with_capacity(self.fields.len());
-        for field in self.fields {
-            let value = match object.get(field.name) {
+        for (i, field) in self.fields.iter().enumerate() {
+            let value = match get(i, field).as_deref() {
                 None | Some(Json::Null) if field.required => {
                     return Err(Reject::new(
                         RejectReason::MissingField,
@@ -310,6 +336,7 @@ impl RecordSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::DateTime;
     use serde_json::json;
 
     #[test]
@@ -333,6 +360,72 @@ mod tests {
         assert_eq!(row[3], Value::Int(100));
         assert_eq!(row[4], Value::Text("buy".into()));
         assert_eq!(row[5], Value::Int(7));
+    }
+
+    #[test]
+    fn text_cells_follow_the_same_rules_as_json() {
+        let cells = |texts: &'static [&'static str]| move |i: usize| texts.get(i).copied();
+        let from_text = CANDLE
+            .parse_text_record(cells(&[
+                " fpt ",
+                "2026-11-26T09:15:00+07:00",
+                "10",
+                "12.5",
+                "9",
+                "11",
+                "100",
+                "",
+            ]))
+            .unwrap();
+        let from_json = CANDLE
+            .parse_record(
+                &json!({"symbol": "fpt", "timestamp": "2026-11-26T09:15:00+07:00",
+                "open": 10, "high": 12.5, "low": 9, "close": 11, "volume": 100}),
+            )
+            .unwrap();
+        assert_eq!(from_text, from_json);
+        assert_eq!(from_text[7], Value::Null, "a blank optional cell is absent");
+        let epoch = TICK
+            .parse_text_record(cells(&["VNM", "0", "1", "2", "SELL", "3"]))
+            .unwrap();
+        assert_eq!(epoch[1], Value::Timestamp(DateTime::UNIX_EPOCH));
+        assert_eq!(epoch[4], Value::Text("sell".into()));
+        let cases: [(&'static [&'static str], RejectReason, &str); 5] = [
+            (
+                &["FPT", "0", "abc", "1", "buy", "1"],
+                RejectReason::InvalidValue,
+                "`price` must be a finite number",
+            ),
+            (
+                &["FPT", "0", "1", "1.5", "buy", "1"],
+                RejectReason::InvalidValue,
+                "`volume` must be an integer",
+            ),
+            (
+                &["FPT", "0", "NaN", "1", "buy", "1"],
+                RejectReason::InvalidValue,
+                "`price`",
+            ),
+            (
+                &["FPT", "0", "1", "1", "buy", " "],
+                RejectReason::MissingField,
+                "`seq` is required",
+            ),
+            (
+                &["FPT.X", "0", "1", "1", "buy", "1"],
+                RejectReason::InvalidSymbol,
+                "`symbol`",
+            ),
+        ];
+        for (texts, reason, detail) in cases {
+            let reject = TICK.parse_text_record(cells(texts)).unwrap_err();
+            assert_eq!(reject.reason, reason, "{texts:?}");
+            assert!(
+                reject.detail.contains(detail),
+                "{texts:?}: {}",
+                reject.detail
+            );
+        }
     }
 
     #[test]
