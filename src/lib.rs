@@ -12,7 +12,7 @@
 //! - [`app`]: [`App::build`] wires them; `main` and the tests both use it.
 //!
 //! The command-line tools (history, latest and symbols clients, dead-letter
-//! replay, feed, bench) live in the binary's `tools` module and use only this
+//! replay, CSV import, feed, bench) live in the binary's `tools` module and use only this
 //! library's public API; nothing here imports them.
 
 pub mod app;

@@ -39,6 +39,8 @@ enum Command {
     Symbols(tools::latest::SymbolsArgs),
     /// Inspect and replay dead letters (stats, show, replay).
     Dlq(tools::dlq::DlqArgs),
+    /// Back-fill from CSV files (gzip accepted) through the worker's validation and COPY path.
+    Import(tools::import::ImportArgs),
     /// Publish a synthetic market feed to NATS.
     Feed(tools::feed::FeedArgs),
     /// Measure ingest throughput against a baseline.
@@ -122,6 +124,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
         Command::Latest(args) => tools::latest::run_latest(&config, args).await?,
         Command::Symbols(args) => tools::latest::run_symbols(&config, args).await?,
         Command::Dlq(args) => tools::dlq::run(&config, args).await?,
+        Command::Import(args) => return tools::import::run(&config, args).await,
         Command::Feed(args) => tools::feed::run(&config, args).await?,
         Command::Bench(args) => tools::bench::run(&config, args).await?,
         Command::Health { url } => {

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use std::borrow::Cow;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
 use serde_json::Value as Json;
 
 use super::rows::{Cell, Checked, Scalar};
@@ -129,8 +129,21 @@ impl Value {
                     }
                 }
             }
+            // Field by field: chrono's `format` reads its pattern anew for
+            // every value, and this runs for every row written. Years are
+            // 1..=9999 (parse_timestamp refuses the others).
             Value::Timestamp(ts) => {
-                let _ = write!(out, "{}", ts.format("%Y-%m-%d %H:%M:%S%.6f+00"));
+                let _ = write!(
+                    out,
+                    "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:06}+00",
+                    ts.year(),
+                    ts.month(),
+                    ts.day(),
+                    ts.hour(),
+                    ts.minute(),
+                    ts.second(),
+                    ts.timestamp_subsec_micros()
+                );
             }
             // `{:?}` on f64 prints the shortest text that reads back to the
             // same value, with an exponent for very large or small ones
@@ -240,6 +253,21 @@ fn integer(value: &Scalar<'_>) -> Result<i64, &'static str> {
 const SIDES: [&str; 3] = ["buy", "sell", "unknown"];
 
 impl FieldType {
+    /// The JSON value a text cell (a CSV field) spells for this rule:
+    /// identifiers and sides are strings; for the others, a number when the
+    /// text reads as a JSON number (`97.5`, `1764123303123`), else the text
+    /// itself, which the rule then reads (a timestamp) or refuses, naming
+    /// the field.
+    pub fn json_from_text(self, text: &str) -> Json {
+        match self {
+            FieldType::Symbol | FieldType::Side => Json::String(text.to_string()),
+            _ => text
+                .parse::<serde_json::Number>()
+                .map(Json::Number)
+                .unwrap_or_else(|_| Json::String(text.to_string())),
+        }
+    }
+
     /// Checks one present, non-null JSON value.
     pub fn parse<'a>(self, name: &str, value: &Scalar<'a>) -> Result<Checked<'a>, Reject> {
         let invalid =
@@ -449,10 +477,18 @@ mod tests {
             Value::Float(0.1),
             Value::Int(-3),
             Value::Timestamp(DateTime::from_timestamp_micros(1).unwrap()),
+            Value::Timestamp(
+                DateTime::parse_from_rfc3339("0001-02-03T04:05:06.789+07:00")
+                    .unwrap()
+                    .into(),
+            ),
         ] {
             v.write_copy_text(&mut out);
             out.push('|');
         }
-        assert_eq!(out, "a\\tb\\\\|\\N|0.1|-3|1970-01-01 00:00:00.000001+00|");
+        assert_eq!(
+            out,
+            "a\\tb\\\\|\\N|0.1|-3|1970-01-01 00:00:00.000001+00|0001-02-02 21:05:06.789000+00|"
+        );
     }
 }

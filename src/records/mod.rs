@@ -298,6 +298,35 @@ impl RecordSpec {
         rows::push_json_record(self, record, &mut rows)?;
         Ok(rows.row(0).values())
     }
+
+    /// Validates one record given as text, such as a CSV line: `cell(i)` is
+    /// the text of the `i`-th of [`fields`](Self::fields), `None` or blank
+    /// when absent. Each cell becomes the JSON value it spells
+    /// ([`FieldType::json_from_text`]), so text follows exactly the rules
+    /// of [`parse_record`](Self::parse_record).
+    pub fn parse_text_record<'t>(
+        &self,
+        cell: impl Fn(usize) -> Option<&'t str>,
+    ) -> Result<Vec<Value>, Reject> {
+        let spelled: Vec<Option<Json>> = self
+            .fields
+            .iter()
+            .enumerate()
+            .map(|(i, field)| {
+                let text = cell(i)?.trim();
+                (!text.is_empty()).then(|| field.ty.json_from_text(text))
+            })
+            .collect();
+        let mut rows = Rows::new(self);
+        rows::push_scalars(
+            self,
+            spelled
+                .iter()
+                .map(|json| json.as_ref().map_or(Scalar::Null, Scalar::from_json)),
+            &mut rows,
+        )?;
+        Ok(rows.row(0).values())
+    }
 }
 
 /// The most fields of any record type.
@@ -317,6 +346,7 @@ const fn max_fields() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::DateTime;
     use serde_json::json;
 
     #[test]
@@ -340,6 +370,72 @@ mod tests {
         assert_eq!(row[3], Value::Int(100));
         assert_eq!(row[4], Value::Text("buy".into()));
         assert_eq!(row[5], Value::Int(7));
+    }
+
+    #[test]
+    fn text_cells_follow_the_same_rules_as_json() {
+        let cells = |texts: &'static [&'static str]| move |i: usize| texts.get(i).copied();
+        let from_text = CANDLE
+            .parse_text_record(cells(&[
+                " fpt ",
+                "2026-11-26T09:15:00+07:00",
+                "10",
+                "12.5",
+                "9",
+                "11",
+                "100",
+                "",
+            ]))
+            .unwrap();
+        let from_json = CANDLE
+            .parse_record(
+                &json!({"symbol": "fpt", "timestamp": "2026-11-26T09:15:00+07:00",
+                "open": 10, "high": 12.5, "low": 9, "close": 11, "volume": 100}),
+            )
+            .unwrap();
+        assert_eq!(from_text, from_json);
+        assert_eq!(from_text[7], Value::Null, "a blank optional cell is absent");
+        let epoch = TICK
+            .parse_text_record(cells(&["VNM", "0", "1", "2", "SELL", "3"]))
+            .unwrap();
+        assert_eq!(epoch[1], Value::Timestamp(DateTime::UNIX_EPOCH));
+        assert_eq!(epoch[4], Value::Text("sell".into()));
+        let cases: [(&'static [&'static str], RejectReason, &str); 5] = [
+            (
+                &["FPT", "0", "abc", "1", "buy", "1"],
+                RejectReason::InvalidValue,
+                "`price` must be a finite number",
+            ),
+            (
+                &["FPT", "0", "1", "1.5", "buy", "1"],
+                RejectReason::InvalidValue,
+                "`volume` must be an integer",
+            ),
+            (
+                &["FPT", "0", "NaN", "1", "buy", "1"],
+                RejectReason::InvalidValue,
+                "`price`",
+            ),
+            (
+                &["FPT", "0", "1", "1", "buy", " "],
+                RejectReason::MissingField,
+                "`seq` is required",
+            ),
+            (
+                &["FPT.X", "0", "1", "1", "buy", "1"],
+                RejectReason::InvalidSymbol,
+                "`symbol`",
+            ),
+        ];
+        for (texts, reason, detail) in cases {
+            let reject = TICK.parse_text_record(cells(texts)).unwrap_err();
+            assert_eq!(reject.reason, reason, "{texts:?}");
+            assert!(
+                reject.detail.contains(detail),
+                "{texts:?}: {}",
+                reject.detail
+            );
+        }
     }
 
     #[test]

@@ -89,8 +89,8 @@ impl Rows {
         (0..self.len()).map(|i| self.row(i))
     }
 
-    /// Rows given as [`Value`]s, for tests.
-    #[cfg(test)]
+    /// Rows already checked by the spec's rules, given as [`Value`]s
+    /// ([`RecordSpec::parse_record`], [`RecordSpec::parse_text_record`]).
     pub fn from_values(spec: &RecordSpec, rows: &[Vec<Value>]) -> Rows {
         let mut all = Rows::new(spec);
         for row in rows {
@@ -99,7 +99,6 @@ impl Rows {
         all
     }
 
-    #[cfg(test)]
     fn push_values(&mut self, values: &[Value]) {
         assert_eq!(values.len(), self.width, "a row has one value per field");
         for value in values {
@@ -421,11 +420,26 @@ pub fn read_record(
 /// Checks a record already parsed into a `serde_json::Value` and appends it.
 pub fn push_json_record(spec: &RecordSpec, json: &Json, rows: &mut Rows) -> Result<(), Reject> {
     let object = json.as_object().ok_or_else(not_an_object)?;
+    push_scalars(
+        spec,
+        spec.fields.iter().map(|field| {
+            object
+                .get(field.name)
+                .map_or(Scalar::Null, Scalar::from_json)
+        }),
+        rows,
+    )
+}
+
+/// Checks a record given as its fields' values, in field order, and appends it.
+pub fn push_scalars<'a>(
+    spec: &RecordSpec,
+    values: impl IntoIterator<Item = Scalar<'a>>,
+    rows: &mut Rows,
+) -> Result<(), Reject> {
     let mut found: [Scalar<'_>; MAX_FIELDS] = std::array::from_fn(|_| Scalar::Null);
-    for (slot, field) in found.iter_mut().zip(spec.fields) {
-        if let Some(value) = object.get(field.name) {
-            *slot = Scalar::from_json(value);
-        }
+    for (slot, value) in found.iter_mut().zip(values) {
+        *slot = value;
     }
     rows.push_record(spec, &found)
 }

@@ -122,7 +122,7 @@ pub struct Filter {
     pub subject: Option<String>,
 }
 
-fn parse_type(name: &str) -> Result<RecordType, String> {
+pub fn parse_type(name: &str) -> Result<RecordType, String> {
     RecordType::from_name(name.trim())
         .ok_or_else(|| format!("{name:?} is not one of tick, candle, foreign, index, deriv"))
 }

@@ -8,6 +8,7 @@
 //! - [`render`]: printing rows as they arrive (table, JSON lines, CSV).
 //! - [`time`]: times as typed (`today`, market time) and as printed (`--tz`).
 //! - [`dlq`]: `tickvault dlq stats|show|replay`, the dead letters.
+//! - [`import`]: `tickvault import`, back-fill from CSV files through the COPY sink.
 //! - [`feed`]: `tickvault feed`, the synthetic upstream feed.
 //! - [`bench`]: `tickvault bench`, ingest throughput against a COPY baseline.
 
@@ -16,6 +17,7 @@ pub mod client;
 pub mod dlq;
 pub mod feed;
 pub mod history;
+pub mod import;
 pub mod latest;
 pub mod render;
 pub mod time;

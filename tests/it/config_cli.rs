@@ -70,8 +70,8 @@ fn a_missing_config_file_is_an_error_that_names_it() {
 #[test]
 fn every_subcommand_has_help() {
     for command in [
-        "run", "migrate", "config", "history", "latest", "symbols", "dlq", "feed", "bench",
-        "health",
+        "run", "migrate", "config", "history", "latest", "symbols", "dlq", "import", "feed",
+        "bench", "health",
     ] {
         let output = tickvault(&[command, "--help"], &[]);
         assert!(output.status.success(), "{command} --help");

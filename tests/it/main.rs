@@ -10,6 +10,7 @@ mod config_cli;
 mod delivery;
 mod dlq;
 mod history;
+mod import;
 mod ingest;
 mod latest;
 mod lifecycle;

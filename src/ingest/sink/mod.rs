@@ -30,7 +30,7 @@ use crate::ingest::dead_letter::{DeadLetters, Origin};
 use crate::ingest::decode::{record_texts, Rejected};
 use crate::ingest::delivery::{Delivery, Lifecycle, Outcome};
 use crate::ops::metrics::{FlushTrigger, Metrics};
-use crate::records::{RecordType, Reject, RejectReason};
+use crate::records::{RecordType, Reject};
 
 pub struct Sink {
     writer: Writer,
@@ -75,7 +75,7 @@ impl Sink {
             .write_staged(&staged, self.lifecycle.write_timeout())
             .await
         {
-            Written::Done => {
+            Written::Done(_) => {
                 self.metrics.flushed(
                     self.record_type(),
                     trigger,
@@ -115,29 +115,18 @@ impl Sink {
             let timeout = self.lifecycle.write_timeout();
             let staged = self.writer.stage([(&delivery.rows, delivery.stream_seq)]);
             let outcome = match self.writer.write_staged(&staged, timeout).await {
-                Written::Done => {
+                Written::Done(_) => {
                     written += delivery.rows.len();
                     Outcome::Written
                 }
                 Written::GaveUp => Outcome::Abandoned,
                 Written::Refused(_) => {
-                    let mut refused = Vec::new();
-                    let mut abandoned = false;
-                    for row in &staged {
-                        let one = std::slice::from_ref(row);
-                        match self.writer.write_staged(one, timeout).await {
-                            Written::Done => written += 1,
-                            Written::Refused(e) => refused.push((row.index, refusal(&e))),
-                            Written::GaveUp => {
-                                abandoned = true;
-                                break;
-                            }
-                        }
-                    }
-                    if abandoned {
+                    let alone = self.writer.write_alone(&staged, timeout).await;
+                    if alone.gave_up {
                         Outcome::Abandoned
                     } else {
-                        self.dead_letter_refused(delivery, refused).await
+                        written += staged.len() - alone.refused.len();
+                        self.dead_letter_refused(delivery, alone.refused).await
                     }
                 }
             };
@@ -186,30 +175,5 @@ impl Sink {
             rejects: rejected.into_iter().map(|r| r.reject).collect(),
             unstored,
         }
-    }
-}
-
-/// The dead letter's reason for a row PostgreSQL refused, with its words.
-fn refusal(error: &sqlx::Error) -> Reject {
-    let detail = match error {
-        sqlx::Error::Database(db) => format!(
-            "PostgreSQL refused the row (SQLSTATE {}): {}",
-            db.code().as_deref().unwrap_or("?"),
-            db.message()
-        ),
-        other => format!("PostgreSQL refused the row: {other}"),
-    };
-    Reject::new(RejectReason::DatabaseRejected, detail)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_refusal_names_the_sqlstate_and_reason() {
-        let reject = refusal(&sqlx::Error::Protocol("lost".into()));
-        assert_eq!(reject.reason, RejectReason::DatabaseRejected);
-        assert!(reject.detail.contains("lost"), "{}", reject.detail);
     }
 }

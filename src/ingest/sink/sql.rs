@@ -44,17 +44,32 @@ impl Statements {
         let on_conflict = match spec.conflict {
             Conflict::KeepFirst => "DO NOTHING".to_string(),
             Conflict::NewestWins => {
-                let updates = columns
+                let updated: Vec<&String> = columns
                     .iter()
                     .filter(|c| !spec.key.iter().any(|k| format!("\"{k}\"") == **c))
+                    .collect();
+                let updates = updated
+                    .iter()
                     .map(|c| format!("{c} = EXCLUDED.{c}"))
                     .collect::<Vec<_>>()
                     .join(", ");
+                let list = |prefix: &str| {
+                    updated
+                        .iter()
+                        .map(|c| format!("{prefix}.{c}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
                 // A lower stream sequence never overwrites a higher one; core
                 // mode has no sequence (NULL), so there the last write wins.
+                // A version equal to the stored one is left alone, so writing
+                // the same rows again changes (and counts) nothing.
                 format!(
-                    "DO UPDATE SET {updates} WHERE {table}.stream_seq IS NULL \
-                     OR EXCLUDED.stream_seq IS NULL OR {table}.stream_seq <= EXCLUDED.stream_seq"
+                    "DO UPDATE SET {updates} WHERE ({table}.stream_seq IS NULL \
+                     OR EXCLUDED.stream_seq IS NULL OR {table}.stream_seq <= EXCLUDED.stream_seq) \
+                     AND ({}) IS DISTINCT FROM ({})",
+                    list(table),
+                    list("EXCLUDED"),
                 )
             }
         };
@@ -127,6 +142,17 @@ mod tests {
         assert!(candle
             .merge
             .contains("candles_1m.stream_seq <= EXCLUDED.stream_seq"));
+        assert!(
+            candle.merge.ends_with(
+                "AND (candles_1m.\"open\", candles_1m.\"high\", candles_1m.\"low\", \
+                 candles_1m.\"close\", candles_1m.\"volume\", candles_1m.\"value\", \
+                 candles_1m.stream_seq) IS DISTINCT FROM (EXCLUDED.\"open\", \
+                 EXCLUDED.\"high\", EXCLUDED.\"low\", EXCLUDED.\"close\", \
+                 EXCLUDED.\"volume\", EXCLUDED.\"value\", EXCLUDED.stream_seq)"
+            ),
+            "an equal version is left alone: {}",
+            candle.merge
+        );
         assert_eq!(
             tick.stored_keys,
             "SELECT k.n FROM unnest($1::text[], $2::timestamptz[], $3::int8[]) WITH ORDINALITY AS k(k0, k1, k2, n) \

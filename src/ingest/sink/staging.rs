@@ -1,7 +1,7 @@
 //! A batch's rows made ready for one write: duplicate keys within the batch
 //! resolved by the type's rule (a tick keeps its first version, the other
-//! types the newest: the higher stream sequence; within one message, the
-//! later record).
+//! types the newest: the higher stream sequence; within one message, or
+//! without sequences, the later record).
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -164,5 +164,15 @@ mod tests {
             (1, 1),
             "the later record of a message"
         );
+        // Rows from outside NATS have no sequence: the later row wins.
+        let no_sequence = staged(
+            RecordType::Candle,
+            &[(
+                vec![candle("FPT", 1.0), candle("VNM", 7.0), candle("FPT", 2.0)],
+                None,
+            )],
+        );
+        let kept: Vec<usize> = no_sequence.iter().map(|(_, _, i)| *i).collect();
+        assert_eq!(kept, [2, 1]);
     }
 }

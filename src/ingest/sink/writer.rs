@@ -26,7 +26,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::db::{failure, Database, Failure};
 use crate::ops::metrics::Metrics;
-use crate::records::{Cell, Conflict, FieldType, RecordSpec, RecordType, Rows};
+use crate::records::{
+    Cell, Conflict, FieldType, RecordSpec, RecordType, Reject, RejectReason, Rows,
+};
 use crate::retry::Backoff;
 
 use super::encode::encode;
@@ -43,11 +45,39 @@ const LAST_RETRY: Duration = Duration::from_secs(10);
 /// How writing some rows ended, after every retry.
 #[derive(Debug)]
 pub enum Written {
-    Done,
+    /// Committed: this many rows were new or changed a stored row.
+    Done(u64),
     /// PostgreSQL refused the data itself: retrying the same rows cannot help.
     Refused(sqlx::Error),
     /// `give_up` fired first: nothing was committed.
     GaveUp,
+}
+
+/// What [`Writer::write_rows`] did.
+#[derive(Debug, Default)]
+pub struct RowsWritten {
+    /// Rows that were new or changed a stored row. A row already stored
+    /// with the same values, a tick whose key is stored, or a row whose key
+    /// repeats later in the same rows (the later one is written) is not counted.
+    pub changed: u64,
+    /// Rows PostgreSQL refused although they passed every rule: their
+    /// index in the rows given, and why.
+    pub refused: Vec<(usize, Reject)>,
+    /// `give_up` fired before every row was written: some or none were.
+    pub gave_up: bool,
+}
+
+/// The dead letter's reason for a row PostgreSQL refused, with its words.
+fn refusal(error: &sqlx::Error) -> Reject {
+    let detail = match error {
+        sqlx::Error::Database(db) => format!(
+            "PostgreSQL refused the row (SQLSTATE {}): {}",
+            db.code().as_deref().unwrap_or("?"),
+            db.message()
+        ),
+        other => format!("PostgreSQL refused the row: {other}"),
+    };
+    Reject::new(RejectReason::DatabaseRejected, detail)
 }
 
 /// Why one write attempt failed.
@@ -133,19 +163,49 @@ impl Writer {
         self.spec
     }
 
-    /// Writes the rows of some messages, each with the stream sequence that
-    /// orders its versions (`None` without JetStream: the last write wins),
-    /// in one transaction: duplicate keys resolved by the type's rule,
-    /// stored keys merged by it. Each attempt is bounded by `timeout` on the
-    /// server (and a half more on the client); an unavailable database is
-    /// retried until it answers or `give_up` fires.
-    pub async fn write_rows<'a>(
+    /// Writes rows that did not come from NATS (no stream sequence: in a
+    /// newest-wins table they overwrite what is stored, and a later row with
+    /// the same key wins over an earlier one), in one transaction, stored
+    /// keys merged by the type's rule. Each attempt is bounded by `timeout`
+    /// on the server (and a half more on the client); an unavailable
+    /// database is retried until it answers or `give_up` fires. When
+    /// PostgreSQL refuses the rows, each is written alone and those it
+    /// refuses are returned with the reason.
+    pub async fn write_rows(&self, rows: &Rows, timeout: Duration) -> RowsWritten {
+        let staged = self.stage([(rows, None)]);
+        match self.write_staged(&staged, timeout).await {
+            Written::Done(changed) => RowsWritten {
+                changed,
+                ..RowsWritten::default()
+            },
+            Written::GaveUp => RowsWritten {
+                gave_up: true,
+                ..RowsWritten::default()
+            },
+            Written::Refused(_) => self.write_alone(&staged, timeout).await,
+        }
+    }
+
+    /// Writes each row in its own transaction, collecting those PostgreSQL
+    /// refuses (by their index among their message's rows); stops when
+    /// `give_up` fires.
+    pub(super) async fn write_alone(
         &self,
-        messages: impl IntoIterator<Item = (&'a Rows, Option<u64>)>,
+        staged: &[StagedRow<'_>],
         timeout: Duration,
-    ) -> Written {
-        let staged = self.stage(messages);
-        self.write_staged(&staged, timeout).await
+    ) -> RowsWritten {
+        let mut result = RowsWritten::default();
+        for row in staged {
+            match self.write_staged(std::slice::from_ref(row), timeout).await {
+                Written::Done(changed) => result.changed += changed,
+                Written::Refused(e) => result.refused.push((row.index, refusal(&e))),
+                Written::GaveUp => {
+                    result.gave_up = true;
+                    break;
+                }
+            }
+        }
+        result
     }
 
     pub(super) fn stage<'a>(
@@ -174,11 +234,11 @@ impl Writer {
                 attempt = tokio::time::timeout(bound, self.write(staged, &data, timeout)) => attempt,
             };
             let (error, failure) = match attempt {
-                Ok(Ok(())) => {
+                Ok(Ok(changed)) => {
                     if self.failing.swap(0, Ordering::Relaxed) != 0 {
                         self.metrics.writes_recovered(self.record_type());
                     }
-                    return Written::Done;
+                    return Written::Done(changed);
                 }
                 Ok(Err(e)) => {
                     let failure = failure(&e);
@@ -210,13 +270,14 @@ impl Writer {
 
     /// One transaction: the direct COPY of `data` (the encoded `staged`),
     /// or on a key conflict the split write. Every statement is bounded
-    /// server-side by `timeout`.
+    /// server-side by `timeout`. Returns how many rows were new or changed
+    /// a stored row.
     async fn write(
         &self,
         staged: &[StagedRow<'_>],
         data: &[u8],
         timeout: Duration,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<u64, sqlx::Error> {
         let mut conn = WriteConnection {
             conn: self.db.pool.acquire().await?,
             settled: false,
@@ -232,7 +293,7 @@ impl Writer {
         staged: &[StagedRow<'_>],
         data: &[u8],
         timeout: Duration,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<u64, sqlx::Error> {
         let bound = format!(
             "SET LOCAL statement_timeout = {}",
             timeout.as_millis().max(1)
@@ -244,7 +305,7 @@ impl Writer {
         if !merge_now {
             let mut tx = conn.begin_with(format!("BEGIN; {bound}")).await?;
             match copy(&mut tx, &self.statements.copy_direct, data).await {
-                Ok(()) => return tx.commit().await,
+                Ok(copied) => return tx.commit().await.map(|()| copied),
                 Err(e) if !is_unique_violation(&e) => return Err(e),
                 Err(_) => {
                     tx.rollback().await?;
@@ -256,14 +317,14 @@ impl Writer {
         let begin = format!("BEGIN; {bound}; SET LOCAL client_min_messages = warning");
         let mut tx = conn.begin_with(begin.clone()).await?;
         match self.write_split(&mut tx, staged).await {
-            Ok(()) => return tx.commit().await,
+            Ok(changed) => return tx.commit().await.map(|()| changed),
             Err(e) if !is_unique_violation(&e) => return Err(e),
             // Another writer stored one of the new keys meanwhile.
             Err(_) => tx.rollback().await?,
         }
         let mut tx = conn.begin_with(begin).await?;
-        self.merge(&mut tx, data).await?;
-        tx.commit().await
+        let merged = self.merge(&mut tx, data).await?;
+        tx.commit().await.map(|()| merged)
     }
 
     /// Only the rows whose key is stored go through the staging merge; the
@@ -272,7 +333,7 @@ impl Writer {
         &self,
         conn: &mut PgConnection,
         staged: &[StagedRow<'_>],
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<u64, sqlx::Error> {
         let stored = self.stored_keys(conn, staged).await?;
         let (mut old, mut new) = (
             Vec::with_capacity(stored.len()),
@@ -285,27 +346,29 @@ impl Writer {
                 new.push(*row);
             }
         }
+        let mut changed = 0;
         if !new.is_empty() {
-            copy(conn, &self.statements.copy_direct, &encode(self.spec, &new)).await?;
+            changed += copy(conn, &self.statements.copy_direct, &encode(self.spec, &new)).await?;
         }
         // A stored tick stays as it is (keep-first): nothing to merge.
         if !old.is_empty() && self.spec.conflict == Conflict::NewestWins {
-            self.merge(conn, &encode(self.spec, &old)).await?;
+            changed += self.merge(conn, &encode(self.spec, &old)).await?;
         }
-        Ok(())
+        Ok(changed)
     }
 
     /// The staging merge of `data`: COPY into the session's staging table,
     /// then `INSERT ... ON CONFLICT` with the type's rule.
-    async fn merge(&self, conn: &mut PgConnection, data: &[u8]) -> Result<(), sqlx::Error> {
+    async fn merge(&self, conn: &mut PgConnection, data: &[u8]) -> Result<u64, sqlx::Error> {
         sqlx::query(&self.statements.create_staging)
             .execute(&mut *conn)
             .await?;
         copy(conn, &self.statements.copy_staging, data).await?;
-        sqlx::query(&self.statements.merge)
+        let merged = sqlx::query(&self.statements.merge)
             .execute(&mut *conn)
-            .await?;
-        Ok(())
+            .await?
+            .rows_affected();
+        Ok(merged)
     }
 
     /// The 1-based positions in `staged` of the rows whose key is stored, in order.
@@ -365,14 +428,15 @@ impl Drop for WriteConnection {
     }
 }
 
-async fn copy(conn: &mut PgConnection, statement: &str, data: &[u8]) -> Result<(), sqlx::Error> {
+/// Returns the number of rows copied.
+async fn copy(conn: &mut PgConnection, statement: &str, data: &[u8]) -> Result<u64, sqlx::Error> {
     let mut copy = conn.copy_in_raw(statement).await?;
     if let Err(e) = copy.send(data).await {
         // A COPY is always finished or aborted, never left open.
         let _ = copy.abort("tickvault: send failed").await;
         return Err(e);
     }
-    copy.finish().await.map(|_| ())
+    copy.finish().await
 }
 
 fn is_unique_violation(error: &sqlx::Error) -> bool {
@@ -392,5 +456,12 @@ mod tests {
         assert_eq!(step_after(Failure::Auth), Step::Slowly);
         assert_eq!(step_after(Failure::Schema), Step::Slowly);
         assert_eq!(step_after(Failure::Refused), Step::Refused);
+    }
+
+    #[test]
+    fn a_refusal_names_the_sqlstate_and_reason() {
+        let reject = refusal(&sqlx::Error::Protocol("lost".into()));
+        assert_eq!(reject.reason, RejectReason::DatabaseRejected);
+        assert!(reject.detail.contains("lost"), "{}", reject.detail);
     }
 }
