@@ -181,13 +181,16 @@ impl Claims {
         }
     }
 
-    fn keys(&self, delivery: &Delivery, into: &mut Vec<u64>) {
-        into.extend(
-            delivery
+    /// The delivery's key fingerprints, computed once.
+    fn keys<'d>(&self, delivery: &'d mut Delivery) -> &'d [u64] {
+        if delivery.key_fingerprints.is_empty() {
+            delivery.key_fingerprints = delivery
                 .rows
                 .iter()
-                .map(|row| row.key(&self.key_positions).fingerprint()),
-        );
+                .map(|row| row.key(&self.key_positions).fingerprint())
+                .collect();
+        }
+        &delivery.key_fingerprints
     }
 
     fn is_free(&self, keys: &[u64]) -> bool {
@@ -332,20 +335,21 @@ fn take_batch(
     let mut skipped = Vec::new();
     let mut skipped_keys: HashSet<u64, KeyHashing> = HashSet::default();
     let mut rows = 0;
+    let mut skipped_rows = 0;
     while let Some(next) = pending.front() {
-        if !batch.is_empty() && rows + next.rows.len() > max_rows {
+        // Looking far behind waiting deliveries costs more than it finds.
+        if (!batch.is_empty() && rows + next.rows.len() > max_rows) || skipped_rows > max_rows {
             break;
         }
-        let delivery = pending.pop_front().expect("front exists");
-        let mark = keys.len();
-        claims.keys(&delivery, &mut keys);
-        let own = &keys[mark..];
+        let mut delivery = pending.pop_front().expect("front exists");
+        let own = claims.keys(&mut delivery);
         if claims.is_free(own) && !own.iter().any(|k| skipped_keys.contains(k)) {
+            keys.extend_from_slice(own);
             rows += delivery.rows.len();
             batch.push(delivery);
         } else {
             skipped_keys.extend(own);
-            keys.truncate(mark);
+            skipped_rows += delivery.rows.len();
             skipped.push(delivery);
         }
     }

@@ -102,6 +102,8 @@ pub struct Delivery {
     room: Option<OwnedSemaphorePermit>,
     /// When it was received.
     pub arrived: Instant,
+    /// Its rows' key fingerprints, once the batcher needed them (empty before).
+    pub key_fingerprints: Vec<u64>,
     /// When JetStream last heard about it (received or progress-acked), in
     /// milliseconds since [`epoch`].
     touched: AtomicU64,
@@ -141,6 +143,7 @@ impl Delivery {
             unstored: 0,
             room: None,
             arrived: Instant::now(),
+            key_fingerprints: Vec::new(),
             touched: AtomicU64::new(now_ms()),
             _held: held,
         }
