@@ -18,7 +18,9 @@ mod sql;
 mod staging;
 mod writer;
 
-pub use writer::{WriteError, Writer, Written};
+pub use writer::{RowsWritten, Writer};
+
+use writer::Written;
 
 use std::sync::Arc;
 

@@ -82,7 +82,7 @@ fn refusal(error: &sqlx::Error) -> Reject {
 
 /// Why one write attempt failed.
 #[derive(Debug, thiserror::Error)]
-pub enum WriteError {
+enum WriteError {
     #[error(transparent)]
     Database(#[from] sqlx::Error),
     #[error("the write took longer than {0:?}; is the database overloaded or unreachable?")]
