@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use async_nats::jetstream::message::Acker;
 use async_nats::jetstream::AckKind;
 use async_nats::Subject;
 use bytes::Bytes;
@@ -74,6 +73,26 @@ impl Outcome {
             Outcome::Abandoned | Outcome::Dropped => AckKind::Nak(None),
             Outcome::Terminated => AckKind::Term,
         }
+    }
+}
+
+/// Where a JetStream message is answered: its reply subject, through the
+/// worker's one NATS client. (async-nats' own `Acker` holds a copy of the
+/// JetStream context per message, several allocations each: with 50,000
+/// single-record messages held, that was a sizeable part of the memory.)
+pub struct Acker {
+    reply: Subject,
+    client: Arc<async_nats::Client>,
+}
+
+impl Acker {
+    pub fn new(reply: Subject, client: Arc<async_nats::Client>) -> Acker {
+        Acker { reply, client }
+    }
+
+    /// What async-nats' `Acker::ack_with` sends: the answer to the reply subject.
+    async fn ack_with(&self, kind: AckKind) -> Result<(), async_nats::PublishError> {
+        self.client.publish(self.reply.clone(), kind.into()).await
     }
 }
 
@@ -360,13 +379,15 @@ impl Lifecycle {
     /// A JetStream message whose metadata (stream sequence) cannot be read
     /// is never written: without a sequence it could overwrite a newer
     /// version. It is nak'ed and delivered again after a pause.
-    pub async fn refuse_unreadable(&self, subject: &str, acker: Acker) {
+    pub async fn refuse_unreadable(&self, subject: &str, acker: Option<Acker>) {
         tracing::warn!(
             r#type = self.record_type.name(),
             subject,
             "a message's JetStream metadata could not be read; it is not written and will be delivered again"
         );
-        let _ = acker.ack_with(AckKind::Nak(Some(DEAD_LETTER_RETRY))).await;
+        if let Some(acker) = acker {
+            let _ = acker.ack_with(AckKind::Nak(Some(DEAD_LETTER_RETRY))).await;
+        }
     }
 
     /// A pulled message this worker will not even look at (it arrived while

@@ -107,6 +107,7 @@ impl Ingest {
         let limits = BatchLimits::new(&self.config);
         // Stops every source, at shutdown or when one of them cannot go on.
         let stop = shutdown.child_token();
+        let acks = Arc::new(self.client.clone());
         let mut sources = JoinSet::new();
         let mut batchers = JoinSet::new();
         for record_type in RecordType::ALL {
@@ -131,6 +132,7 @@ impl Ingest {
                 record_type,
                 config: self.config.clone(),
                 client: self.client.clone(),
+                acks: acks.clone(),
                 queue,
                 dead_letters: dead_letters.clone(),
                 lifecycle,
