@@ -211,6 +211,9 @@ pub struct IngestConfig {
     pub flush_interval_ms: u64,
     /// Most rows one flush writes when rows piled up behind a slow flush (group commit).
     pub max_batch_rows: usize,
+    /// Flushes of one type written at once, each on its own connection,
+    /// when a backlog waits (batches in flight together never share a key).
+    pub flushes_in_flight: usize,
     /// Rows a type may hold in memory; when full, that type stops taking messages.
     pub queue_capacity: usize,
     /// Most records one message may carry.
@@ -243,6 +246,7 @@ impl Default for IngestConfig {
             batch_size: 500,
             flush_interval_ms: 1_000,
             max_batch_rows: 5_000,
+            flushes_in_flight: 2,
             queue_capacity: 10_000,
             max_records_per_message: 1_000,
             max_message_bytes: 1024 * 1024,
@@ -454,6 +458,7 @@ impl Config {
             ("ingest.batch_size", ingest.batch_size as u64),
             ("ingest.flush_interval_ms", ingest.flush_interval_ms),
             ("ingest.max_batch_rows", ingest.max_batch_rows as u64),
+            ("ingest.flushes_in_flight", ingest.flushes_in_flight as u64),
             ("ingest.queue_capacity", ingest.queue_capacity as u64),
             (
                 "ingest.max_records_per_message",
@@ -492,6 +497,7 @@ impl Config {
         let bounded = [
             ("ingest.queue_capacity", ingest.queue_capacity, 10_000_000),
             ("ingest.max_batch_rows", ingest.max_batch_rows, 1_000_000),
+            ("ingest.flushes_in_flight", ingest.flushes_in_flight, 64),
             ("ingest.fetch_batch", ingest.fetch_batch, 10_000),
             (
                 "ingest.lag_interval_ms",

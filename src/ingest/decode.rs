@@ -1,11 +1,13 @@
-//! Payload → rows: one record object or an array of them, each checked
-//! against its type's [`RecordSpec`]. Nothing in a payload can panic here.
+//! Payload → rows: one record object or an array of them, read in one pass
+//! straight into typed [`Rows`] ([`rows::read_payload`]), each record
+//! checked against its type's [`RecordSpec`]. Nothing in a payload can panic
+//! here.
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
-use serde_json::Value as Json;
 
-use crate::records::{RecordSpec, Reject, RejectReason, Value};
+use crate::records::rows::{self, Shape};
+use crate::records::{RecordSpec, Reject, RejectReason, Rows};
 
 /// Limits a message must respect, from `ingest.*`.
 #[derive(Debug, Clone, Copy)]
@@ -25,118 +27,88 @@ pub struct Rejected {
 /// What one message holds: the rows to write and the rejected input.
 #[derive(Debug, Default)]
 pub struct Decoded {
-    pub rows: Vec<Vec<Value>>,
+    pub rows: Rows,
     pub rejected: Vec<Rejected>,
 }
 
-impl Decoded {
-    fn whole(reason: RejectReason, detail: impl Into<String>, payload: &Bytes) -> Self {
-        Decoded {
-            rows: Vec::new(),
-            rejected: vec![Rejected {
-                reject: Reject::new(reason, detail),
-                payload: payload.clone(),
-            }],
-        }
+fn whole(spec: &RecordSpec, reject: Reject, payload: &Bytes) -> Decoded {
+    Decoded {
+        rows: Rows::new(spec),
+        rejected: vec![Rejected {
+            reject,
+            payload: payload.clone(),
+        }],
     }
 }
 
 pub fn decode(spec: &RecordSpec, payload: &Bytes, limits: Limits) -> Decoded {
     if payload.len() > limits.max_message_bytes {
-        return Decoded::whole(
-            RejectReason::TooLarge,
-            format!(
-                "payload is {} bytes, more than ingest.max_message_bytes ({})",
-                payload.len(),
-                limits.max_message_bytes
-            ),
-            payload,
+        let detail = format!(
+            "payload is {} bytes, more than ingest.max_message_bytes ({})",
+            payload.len(),
+            limits.max_message_bytes
         );
+        return whole(spec, Reject::new(RejectReason::TooLarge, detail), payload);
     }
-    let is_array = payload
-        .iter()
-        .find(|b| !b.is_ascii_whitespace())
-        .is_some_and(|b| *b == b'[');
-    if is_array {
-        return decode_array(spec, payload, limits);
-    }
+    let mut rows = Rows::new(spec);
     // serde_json refuses nesting deeper than 128 levels with an error, not a stack overflow.
-    match serde_json::from_slice::<Json>(payload) {
-        Ok(json @ Json::Object(_)) => match spec.parse_record(&json) {
-            Ok(row) => Decoded {
-                rows: vec![row],
-                rejected: Vec::new(),
-            },
-            Err(reject) => Decoded {
-                rows: Vec::new(),
-                rejected: vec![Rejected {
-                    reject,
-                    payload: payload.clone(),
-                }],
-            },
-        },
-        Ok(_) => Decoded::whole(
-            RejectReason::InvalidShape,
-            "payload must be a record object or an array of record objects",
-            payload,
-        ),
-        Err(e) => invalid_json(&e, payload),
-    }
-}
-
-fn invalid_json(error: &serde_json::Error, payload: &Bytes) -> Decoded {
-    Decoded::whole(
-        RejectReason::InvalidJson,
-        format!("payload is not valid JSON: {error}"),
-        payload,
-    )
-}
-
-/// An array: each record is checked alone, and a rejected record goes to the
-/// dead letters as its original JSON text.
-fn decode_array(spec: &RecordSpec, payload: &Bytes, limits: Limits) -> Decoded {
-    let records: Vec<&RawValue> = match serde_json::from_slice(payload) {
-        Ok(records) => records,
-        Err(e) => return invalid_json(&e, payload),
+    let shape = match rows::read_payload(spec, payload, limits.max_records_per_message, &mut rows) {
+        Ok(shape) => shape,
+        Err(e) => {
+            let detail = format!("payload is not valid JSON: {e}");
+            return whole(
+                spec,
+                Reject::new(RejectReason::InvalidJson, detail),
+                payload,
+            );
+        }
     };
-    if records.is_empty() {
-        return Decoded::whole(
-            RejectReason::EmptyMessage,
-            "the array holds no record",
-            payload,
-        );
-    }
-    if records.len() > limits.max_records_per_message {
-        return Decoded::whole(
+    let reject = match shape {
+        Shape::Record(Ok(())) => {
+            return Decoded {
+                rows,
+                rejected: Vec::new(),
+            }
+        }
+        Shape::Record(Err(reject)) => reject,
+        Shape::Array { rejected, .. } => {
+            let rejected = if rejected.is_empty() {
+                Vec::new()
+            } else {
+                rejected_records(payload, rejected)
+            };
+            return Decoded { rows, rejected };
+        }
+        Shape::Empty => Reject::new(RejectReason::EmptyMessage, "the array holds no record"),
+        Shape::TooMany(records) => Reject::new(
             RejectReason::TooManyRecords,
             format!(
-                "{} records, more than ingest.max_records_per_message ({})",
-                records.len(),
+                "{records} records, more than ingest.max_records_per_message ({})",
                 limits.max_records_per_message
             ),
-            payload,
-        );
-    }
-    let mut decoded = Decoded {
-        rows: Vec::with_capacity(records.len()),
-        rejected: Vec::new(),
+        ),
+        Shape::Other => Reject::new(
+            RejectReason::InvalidShape,
+            "payload must be a record object or an array of record objects",
+        ),
     };
-    for raw in records {
-        match parse_raw(spec, raw) {
-            Ok(row) => decoded.rows.push(row),
-            Err(reject) => decoded.rejected.push(Rejected {
-                reject,
-                payload: payload.slice_ref(raw.get().as_bytes()),
-            }),
-        }
-    }
-    decoded
+    whole(spec, reject, payload)
 }
 
-fn parse_raw(spec: &RecordSpec, raw: &RawValue) -> Result<Vec<Value>, Reject> {
-    serde_json::from_str::<Json>(raw.get())
-        .map_err(|e| Reject::new(RejectReason::InvalidJson, e.to_string()))
-        .and_then(|record| spec.parse_record(&record))
+/// The rejected records of a valid array, each with its original JSON text
+/// (found by a second look at the payload, only when something was refused).
+fn rejected_records(payload: &Bytes, rejected: Vec<(usize, Reject)>) -> Vec<Rejected> {
+    let records: Vec<&RawValue> = serde_json::from_slice(payload).unwrap_or_default();
+    rejected
+        .into_iter()
+        .map(|(index, reject)| Rejected {
+            payload: records
+                .get(index)
+                .map(|raw| payload.slice_ref(raw.get().as_bytes()))
+                .unwrap_or_else(|| payload.clone()),
+            reject,
+        })
+        .collect()
 }
 
 /// The original JSON text of each record [`decode`] turned into a row, in
@@ -151,9 +123,15 @@ pub fn record_texts(spec: &RecordSpec, payload: &Bytes) -> Vec<Bytes> {
         return vec![payload.clone()];
     }
     let records: Vec<&RawValue> = serde_json::from_slice(payload).unwrap_or_default();
+    let mut scratch = Rows::new(spec);
     records
         .into_iter()
-        .filter(|raw| parse_raw(spec, raw).is_ok())
+        .filter(|raw| {
+            matches!(
+                rows::read_record(spec, raw.get().as_bytes(), &mut scratch),
+                Ok(Ok(()))
+            )
+        })
         .map(|raw| payload.slice_ref(raw.get().as_bytes()))
         .collect()
 }
@@ -193,7 +171,7 @@ mod tests {
             &Bytes::from(format!("[{TICK},{bad}]")),
             LIMITS,
         );
-        let dead: Json = serde_json::from_slice(&decoded.rejected[0].payload).unwrap();
+        let dead: serde_json::Value = serde_json::from_slice(&decoded.rejected[0].payload).unwrap();
         assert_eq!(
             dead["side"], "hold",
             "the dead letter is the rejected record alone"

@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use async_nats::jetstream::message::Acker;
 use async_nats::jetstream::AckKind;
 use async_nats::Subject;
 use bytes::Bytes;
@@ -24,7 +23,7 @@ use tokio::time::Instant;
 
 use crate::ops::lag::Held;
 use crate::ops::metrics::Metrics;
-use crate::records::{RecordType, Reject, Value};
+use crate::records::{RecordType, Reject, Rows};
 
 /// How long a message whose dead letters could not be stored waits before
 /// JetStream delivers it again.
@@ -77,6 +76,26 @@ impl Outcome {
     }
 }
 
+/// Where a JetStream message is answered: its reply subject, through the
+/// worker's one NATS client. (async-nats' own `Acker` holds a copy of the
+/// JetStream context per message, several allocations each: with 50,000
+/// single-record messages held, that was a sizeable part of the memory.)
+pub struct Acker {
+    reply: Subject,
+    client: Arc<async_nats::Client>,
+}
+
+impl Acker {
+    pub fn new(reply: Subject, client: Arc<async_nats::Client>) -> Acker {
+        Acker { reply, client }
+    }
+
+    /// What async-nats' `Acker::ack_with` sends: the answer to the reply subject.
+    async fn ack_with(&self, kind: AckKind) -> Result<(), async_nats::PublishError> {
+        self.client.publish(self.reply.clone(), kind.into()).await
+    }
+}
+
 /// One NATS message from the time it is received until it is settled.
 pub struct Delivery {
     /// The message's subject, named in dead letters.
@@ -84,7 +103,7 @@ pub struct Delivery {
     /// The payload as received: the source of a row's original record text.
     pub payload: Bytes,
     /// The checked rows, in the order of the payload's valid records.
-    pub rows: Vec<Vec<Value>>,
+    pub rows: Rows,
     /// JetStream stream sequence: orders versions for newest-wins tables.
     pub stream_seq: Option<u64>,
     /// When JetStream stored the message (nanoseconds since the epoch):
@@ -102,6 +121,8 @@ pub struct Delivery {
     room: Option<OwnedSemaphorePermit>,
     /// When it was received.
     pub arrived: Instant,
+    /// Its rows' key fingerprints, once the batcher needed them (empty before).
+    pub key_fingerprints: Vec<u64>,
     /// When JetStream last heard about it (received or progress-acked), in
     /// milliseconds since [`epoch`].
     touched: AtomicU64,
@@ -132,7 +153,7 @@ impl Delivery {
         Delivery {
             subject,
             payload,
-            rows: Vec::new(),
+            rows: Rows::default(),
             stream_seq: None,
             published_ns: 0,
             delivered: 1,
@@ -141,6 +162,7 @@ impl Delivery {
             unstored: 0,
             room: None,
             arrived: Instant::now(),
+            key_fingerprints: Vec::new(),
             touched: AtomicU64::new(now_ms()),
             _held: held,
         }
@@ -195,7 +217,7 @@ impl Delivery {
     }
 
     #[cfg(test)]
-    pub(crate) fn for_test(rows: Vec<Vec<Value>>, stream_seq: Option<u64>) -> Delivery {
+    pub(crate) fn for_test(rows: Rows, stream_seq: Option<u64>) -> Delivery {
         let held = Arc::new(crate::ops::lag::HeldMessages::default()).hold();
         let mut delivery = Delivery::core(Subject::from_static("md.test.X"), Bytes::new(), held);
         delivery.rows = rows;
@@ -357,13 +379,15 @@ impl Lifecycle {
     /// A JetStream message whose metadata (stream sequence) cannot be read
     /// is never written: without a sequence it could overwrite a newer
     /// version. It is nak'ed and delivered again after a pause.
-    pub async fn refuse_unreadable(&self, subject: &str, acker: Acker) {
+    pub async fn refuse_unreadable(&self, subject: &str, acker: Option<Acker>) {
         tracing::warn!(
             r#type = self.record_type.name(),
             subject,
             "a message's JetStream metadata could not be read; it is not written and will be delivered again"
         );
-        let _ = acker.ack_with(AckKind::Nak(Some(DEAD_LETTER_RETRY))).await;
+        if let Some(acker) = acker {
+            let _ = acker.ack_with(AckKind::Nak(Some(DEAD_LETTER_RETRY))).await;
+        }
     }
 
     /// A pulled message this worker will not even look at (it arrived while
@@ -461,7 +485,7 @@ mod tests {
 
     #[test]
     fn dead_letters_are_retried_a_bounded_number_of_deliveries() {
-        let mut delivery = Delivery::for_test(Vec::new(), Some(7));
+        let mut delivery = Delivery::for_test(Rows::default(), Some(7));
         assert!(!delivery.may_redeliver(), "core mode has no redelivery");
         assert_eq!(
             delivery.dead_letter_id("db", 2).as_deref(),
@@ -470,7 +494,7 @@ mod tests {
         delivery.delivered = DEAD_LETTER_DELIVERIES;
         assert!(!delivery.may_redeliver());
         assert_eq!(
-            Delivery::for_test(Vec::new(), None).dead_letter_id("db", 0),
+            Delivery::for_test(Rows::default(), None).dead_letter_id("db", 0),
             None
         );
     }

@@ -104,13 +104,10 @@ impl Ingest {
             IngestMode::Core => None,
         };
         let dead_letters = DeadLetters::new(self.client.clone(), js.clone(), self.config.clone());
-        let limits = BatchLimits {
-            batch_size: self.config.batch_size,
-            max_batch_rows: self.config.max_batch_rows,
-            flush_interval: self.config.flush_interval(),
-        };
+        let limits = BatchLimits::new(&self.config);
         // Stops every source, at shutdown or when one of them cannot go on.
         let stop = shutdown.child_token();
+        let acks = Arc::new(self.client.clone());
         let mut sources = JoinSet::new();
         let mut batchers = JoinSet::new();
         for record_type in RecordType::ALL {
@@ -135,6 +132,7 @@ impl Ingest {
                 record_type,
                 config: self.config.clone(),
                 client: self.client.clone(),
+                acks: acks.clone(),
                 queue,
                 dead_letters: dead_letters.clone(),
                 lifecycle,

@@ -24,7 +24,7 @@ use crate::config::IngestConfig;
 use crate::ingest::batcher::QueueSender;
 use crate::ingest::dead_letter::{DeadLetters, Origin};
 use crate::ingest::decode::{decode, Limits};
-use crate::ingest::delivery::{Delivery, JetStreamOrigin, Lifecycle, Outcome};
+use crate::ingest::delivery::{Acker, Delivery, JetStreamOrigin, Lifecycle, Outcome};
 use crate::ingest::IngestError;
 use crate::ops::health::Status;
 use crate::ops::metrics::IntakeMetrics;
@@ -277,6 +277,8 @@ pub struct Source {
     pub record_type: RecordType,
     pub config: Arc<IngestConfig>,
     pub client: async_nats::Client,
+    /// The same client, shared by every held message's [`Acker`].
+    pub acks: Arc<async_nats::Client>,
     pub queue: QueueSender,
     pub dead_letters: DeadLetters,
     pub lifecycle: Lifecycle,
@@ -611,12 +613,20 @@ impl Source {
             delivered: info.delivered,
             published_ns: info.published.unix_timestamp_nanos(),
         });
-        let (message, acker) = message.split();
-        let Some(origin) = origin else {
-            self.lifecycle
-                .refuse_unreadable(message.subject.as_str(), acker)
-                .await;
-            return None;
+        // The per-message copy of the JetStream context goes at once.
+        let message = message.message;
+        let acker = message
+            .reply
+            .clone()
+            .map(|reply| Acker::new(reply, self.acks.clone()));
+        let (origin, acker) = match (origin, acker) {
+            (Some(origin), Some(acker)) => (origin, acker),
+            (_, acker) => {
+                self.lifecycle
+                    .refuse_unreadable(message.subject.as_str(), acker)
+                    .await;
+                return None;
+            }
         };
         let delivery = Delivery::jetstream(message.subject, message.payload, origin, acker, held);
         self.prepare(delivery).await
@@ -634,8 +644,10 @@ impl Source {
             let deadline = Instant::now() + PULL_EXPIRES + Duration::from_secs(1);
             while let Ok(Some(Ok(message))) = tokio::time::timeout_at(deadline, batch.next()).await
             {
-                let (_, acker) = message.split();
-                self.lifecycle.hand_back_unread(acker).await;
+                if let Some(reply) = message.message.reply {
+                    let acker = Acker::new(reply, self.acks.clone());
+                    self.lifecycle.hand_back_unread(acker).await;
+                }
                 handed += 1;
             }
         }

@@ -3,8 +3,12 @@
 
 use std::fmt::Write as _;
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
 use serde_json::Value as Json;
+
+use super::rows::{Cell, Checked, Scalar};
 
 /// Why a record (or a whole message) was not written: the metric's `reason`
 /// label and the `Tickvault-Reject-Reason` header.
@@ -184,32 +188,36 @@ pub fn format_timestamp(ts: &DateTime<Utc>) -> String {
     ts.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
 
-/// Parses the contract's two timestamp forms. Sub-microsecond digits are
-/// truncated, since PostgreSQL keeps microseconds.
-pub fn parse_timestamp(json: &Json) -> Result<DateTime<Utc>, String> {
-    let parsed = match json {
-        Json::String(text) => DateTime::parse_from_rfc3339(text.trim())
-            .map(|ts| ts.with_timezone(&Utc))
+/// The first and the last instant PostgreSQL-storable years 1 to 9999
+/// allow, in microseconds since the Unix epoch.
+const FIRST_MICROS: i64 = -62_135_596_800_000_000;
+const END_MICROS: i64 = 253_402_300_800_000_000;
+
+/// Parses the contract's two timestamp forms into microseconds since the
+/// Unix epoch. Sub-microsecond digits are truncated, since PostgreSQL keeps
+/// microseconds.
+pub fn parse_timestamp(value: &Scalar<'_>) -> Result<i64, String> {
+    let micros = match value {
+        Scalar::Str(text) => DateTime::parse_from_rfc3339(text.trim())
+            .map(|ts| ts.timestamp_micros())
             .map_err(|_| {
                 "must be an RFC 3339 timestamp with an offset or epoch milliseconds".to_string()
             })?,
-        Json::Number(_) => {
-            let millis = integer(json).map_err(|rule| format!("epoch milliseconds {rule}"))?;
-            DateTime::from_timestamp_millis(millis).ok_or("epoch milliseconds out of range")?
+        Scalar::Int(_) | Scalar::UInt(_) | Scalar::Float(_) => {
+            let millis = integer(value).map_err(|rule| format!("epoch milliseconds {rule}"))?;
+            millis
+                .checked_mul(1000)
+                .ok_or("epoch milliseconds out of range")?
         }
         _ => return Err("must be an RFC 3339 string or epoch milliseconds".into()),
     };
-    if parsed.year() < 1 {
+    if micros < FIRST_MICROS {
         return Err("is before year 1, which PostgreSQL cannot store".into());
     }
-    let micros = parsed.timestamp_micros();
-    // PostgreSQL's timestamptz range, roughly: refuse what it could not store.
-    if !(-210_000_000_000_000_000..=9_000_000_000_000_000_000).contains(&micros)
-        || parsed.format("%Y").to_string().len() > 4
-    {
+    if micros >= END_MICROS {
         return Err("is out of the supported range".into());
     }
-    DateTime::from_timestamp_micros(micros).ok_or_else(|| "is out of range".into())
+    Ok(micros)
 }
 
 /// A JSON number with no fractional part, stored exactly as an `i64`, or
@@ -218,18 +226,16 @@ pub fn parse_timestamp(json: &Json) -> Result<DateTime<Utc>, String> {
 /// (`100.0`, `1e3`) only below 2^53, where a double still holds every
 /// integer exactly. (Such a number is read as a double first, so digits
 /// beyond a double's precision, as in `1.00000000000000001`, are not seen.)
-fn integer(json: &Json) -> Result<i64, &'static str> {
+fn integer(value: &Scalar<'_>) -> Result<i64, &'static str> {
     const NOT_AN_INTEGER: &str = "must be an integer";
     const OUT_OF_RANGE: &str =
         "is outside the signed 64-bit integer range (-9223372036854775808..=9223372036854775807)";
-    let number = json.as_number().ok_or(NOT_AN_INTEGER)?;
-    if let Some(v) = number.as_i64() {
-        return Ok(v);
-    }
-    if number.is_u64() {
-        return Err(OUT_OF_RANGE);
-    }
-    let v = number.as_f64().ok_or(NOT_AN_INTEGER)?;
+    let v = match *value {
+        Scalar::Int(v) => return Ok(v),
+        Scalar::UInt(v) => return i64::try_from(v).map_err(|_| OUT_OF_RANGE),
+        Scalar::Float(v) => v,
+        _ => return Err(NOT_AN_INTEGER),
+    };
     if v.fract() != 0.0 || !v.is_finite() {
         return Err(NOT_AN_INTEGER);
     }
@@ -243,6 +249,8 @@ fn integer(json: &Json) -> Result<i64, &'static str> {
         Ok(v as i64)
     }
 }
+
+const SIDES: [&str; 3] = ["buy", "sell", "unknown"];
 
 impl FieldType {
     /// The JSON value a text cell (a CSV field) spells for this rule:
@@ -261,20 +269,28 @@ impl FieldType {
     }
 
     /// Checks one present, non-null JSON value.
-    pub fn parse(self, name: &str, json: &Json) -> Result<Value, Reject> {
+    pub fn parse<'a>(self, name: &str, value: &Scalar<'a>) -> Result<Checked<'a>, Reject> {
         let invalid =
             |rule: &str| Reject::new(RejectReason::InvalidValue, format!("field `{name}` {rule}"));
         match self {
             FieldType::Symbol => {
-                let text = json.as_str().ok_or_else(|| {
+                let text = value.as_str().ok_or_else(|| {
                     Reject::new(
                         RejectReason::InvalidSymbol,
                         format!("field `{name}` must be a string"),
                     )
                 })?;
-                let symbol = text.trim().to_ascii_uppercase();
+                let trimmed = text.trim();
+                let symbol = if trimmed.bytes().any(|b| b.is_ascii_lowercase()) {
+                    Cow::Owned(trimmed.to_ascii_uppercase())
+                } else {
+                    match value {
+                        Scalar::Str(Cow::Borrowed(text)) => Cow::Borrowed(text.trim()),
+                        _ => Cow::Owned(trimmed.to_owned()),
+                    }
+                };
                 if is_symbol(&symbol) {
-                    Ok(Value::Text(symbol))
+                    Ok(Checked::Text(symbol))
                 } else {
                     Err(Reject::new(
                         RejectReason::InvalidSymbol,
@@ -282,34 +298,34 @@ impl FieldType {
                     ))
                 }
             }
-            FieldType::Timestamp => parse_timestamp(json)
-                .map(Value::Timestamp)
+            FieldType::Timestamp => parse_timestamp(value)
+                .map(|micros| Checked::Cell(Cell::Timestamp(micros)))
                 .map_err(|rule| invalid(&rule)),
             FieldType::Positive | FieldType::NonNegative | FieldType::Finite => {
-                let v = json
+                let v = value
                     .as_f64()
                     .filter(|v| v.is_finite())
                     .ok_or_else(|| invalid("must be a finite number"))?;
                 match self {
                     FieldType::Positive if v <= 0.0 => Err(invalid("must be > 0")),
                     FieldType::NonNegative if v < 0.0 => Err(invalid("must be >= 0")),
-                    _ => Ok(Value::Float(v)),
+                    _ => Ok(Checked::Cell(Cell::Float(v))),
                 }
             }
             FieldType::PositiveInt | FieldType::NonNegativeInt => {
-                let v = integer(json).map_err(invalid)?;
+                let v = integer(value).map_err(invalid)?;
                 match self {
                     FieldType::PositiveInt if v <= 0 => Err(invalid("must be > 0")),
                     FieldType::NonNegativeInt if v < 0 => Err(invalid("must be >= 0")),
-                    _ => Ok(Value::Int(v)),
+                    _ => Ok(Checked::Cell(Cell::Int(v))),
                 }
             }
-            FieldType::Side => match json.as_str().map(|s| s.trim().to_ascii_lowercase()) {
-                Some(side) if matches!(side.as_str(), "buy" | "sell" | "unknown") => {
-                    Ok(Value::Text(side))
-                }
-                _ => Err(invalid("must be \"buy\", \"sell\" or \"unknown\"")),
-            },
+            FieldType::Side => value
+                .as_str()
+                .map(str::trim)
+                .and_then(|side| SIDES.into_iter().find(|s| s.eq_ignore_ascii_case(side)))
+                .map(|side| Checked::Text(Cow::Borrowed(side)))
+                .ok_or_else(|| invalid("must be \"buy\", \"sell\" or \"unknown\"")),
         }
     }
 }
@@ -329,33 +345,42 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn timestamp(json: Json) -> Result<i64, String> {
+        parse_timestamp(&Scalar::from_json(&json))
+    }
+
     #[test]
     fn both_timestamp_forms_give_the_same_instant() {
-        let text = parse_timestamp(&json!("2026-11-26T09:15:03.123+07:00")).unwrap();
-        let millis = parse_timestamp(&json!(text.timestamp_millis())).unwrap();
-        let float_millis = parse_timestamp(&json!(text.timestamp_millis() as f64)).unwrap();
+        let text = timestamp(json!("2026-11-26T09:15:03.123+07:00")).unwrap();
+        let millis = timestamp(json!(text / 1000)).unwrap();
+        let float_millis = timestamp(json!((text / 1000) as f64)).unwrap();
         assert_eq!(text, millis);
         assert_eq!(text, float_millis);
-        assert_eq!(format_timestamp(&text), "2026-11-26T02:15:03.123Z");
+        let ts = DateTime::from_timestamp_micros(text).unwrap();
+        assert_eq!(format_timestamp(&ts), "2026-11-26T02:15:03.123Z");
         assert!(
-            parse_timestamp(&json!("2026-11-26T09:15:03")).is_err(),
+            timestamp(json!("2026-11-26T09:15:03")).is_err(),
             "offset required"
         );
-        assert!(parse_timestamp(&json!(1.5)).is_err());
-        assert!(parse_timestamp(&json!(i64::MAX)).is_err());
-        assert!(parse_timestamp(&json!(true)).is_err());
+        assert!(timestamp(json!(1.5)).is_err());
+        assert!(timestamp(json!(i64::MAX)).is_err());
+        assert!(timestamp(json!(true)).is_err());
+        assert!(timestamp(json!(-62_167_219_200_000i64)).is_err(), "year 0");
+        assert!(timestamp(json!(-62_135_596_800_000i64)).is_ok(), "year 1");
         assert!(
-            parse_timestamp(&json!(-62_167_219_200_000i64)).is_err(),
-            "year 0"
+            timestamp(json!("9999-12-31T23:59:59.999999Z")).is_ok(),
+            "year 9999"
         );
-        assert!(
-            parse_timestamp(&json!(-62_135_596_800_000i64)).is_ok(),
-            "year 1"
+        assert!(timestamp(json!("+10000-01-01T00:00:00Z")).is_err());
+        assert_eq!(
+            timestamp(json!("2026-11-26T09:15:03.1234567+07:00")).unwrap() % 1_000_000,
+            123_456,
+            "sub-microsecond digits are truncated"
         );
     }
 
     fn parsed(text: &str) -> Result<i64, &'static str> {
-        integer(&serde_json::from_str(text).unwrap())
+        integer(&Scalar::from_json(&serde_json::from_str(text).unwrap()))
     }
 
     #[test]
@@ -385,9 +410,10 @@ mod tests {
         let reject = FieldType::NonNegativeInt
             .parse(
                 "volume",
-                &serde_json::from_str("9223372036854775808").unwrap(),
+                &Scalar::from_json(&serde_json::from_str("9223372036854775808").unwrap()),
             )
-            .unwrap_err();
+            .err()
+            .unwrap();
         assert_eq!(reject.reason, RejectReason::InvalidValue);
         assert!(
             reject.detail.starts_with("field `volume` is outside"),

@@ -3,15 +3,17 @@
 //! read by the one generic ingest pipeline and the one history service.
 
 mod field;
+pub mod rows;
 
 pub use field::{
     format_timestamp, is_symbol, parse_timestamp, write_copy_row, FieldType, Reject, RejectReason,
     Value,
 };
+pub use rows::{Cell, KeyHashing, Row, Rows};
 
-use std::borrow::Cow;
+use serde_json::Value as Json;
 
-use serde_json::{Map, Value as Json};
+use rows::{Checked, Scalar};
 
 /// One of the five market-data types; its [`name`](RecordType::name) is the
 /// subject token, metric label, `/health` key and dead-letter subject token.
@@ -77,9 +79,13 @@ impl Field {
     }
 
     /// Parses a present, non-null value with the field's rule and bound.
-    fn parse(&self, json: &Json) -> Result<Value, Reject> {
-        let value = self.ty.parse(self.name, json)?;
-        match (self.max, value.as_f64()) {
+    fn parse<'a>(&self, value: &Scalar<'a>) -> Result<Checked<'a>, Reject> {
+        let checked = self.ty.parse(self.name, value)?;
+        let number = match &checked {
+            Checked::Cell(cell) => cell.as_f64(),
+            Checked::Text(_) => None,
+        };
+        match (self.max, number) {
             (Some(max), Some(v)) if v.abs() > max => Err(Reject::new(
                 RejectReason::InvalidValue,
                 format!(
@@ -87,7 +93,7 @@ impl Field {
                     self.name
                 ),
             )),
-            _ => Ok(value),
+            _ => Ok(checked),
         }
     }
 }
@@ -108,15 +114,15 @@ pub struct RecordSpec {
     pub chunk_interval: &'static str,
     pub conflict: Conflict,
     /// A rule across fields, run after each field passed its own.
-    pub check: fn(&[Value]) -> Result<(), Reject>,
+    pub check: fn(&[Cell]) -> Result<(), Reject>,
 }
 
-fn no_cross_field_rule(_: &[Value]) -> Result<(), Reject> {
+fn no_cross_field_rule(_: &[Cell]) -> Result<(), Reject> {
     Ok(())
 }
 
 /// A candle's low is at most its open and close, which are at most its high.
-fn candle_range(row: &[Value]) -> Result<(), Reject> {
+fn candle_range(row: &[Cell]) -> Result<(), Reject> {
     let [open, high, low, close] = [2, 3, 4, 5].map(|i| row[i].as_f64().unwrap_or(f64::NAN));
     if low <= open && low <= close && open <= high && close <= high {
         Ok(())
@@ -236,7 +242,7 @@ impl RecordType {
         RecordType::Deriv,
     ];
 
-    pub fn spec(self) -> &'static RecordSpec {
+    pub const fn spec(self) -> &'static RecordSpec {
         match self {
             RecordType::Tick => &TICK,
             RecordType::Candle => &CANDLE,
@@ -285,12 +291,12 @@ impl RecordSpec {
             .collect()
     }
 
-    /// Validates one JSON record into a row of [`Value`]s in column order.
+    /// Validates one JSON record into a row of [`Value`]s in column order
+    /// (the same rules [`rows::read_payload`] applies to a payload).
     pub fn parse_record(&self, record: &Json) -> Result<Vec<Value>, Reject> {
-        let object: &Map<String, Json> = record.as_object().ok_or_else(|| {
-            Reject::new(RejectReason::InvalidShape, "a record must be a JSON object")
-        })?;
-        self.parse_fields(|_, field| object.get(field.name).map(Cow::Borrowed))
+        let mut rows = Rows::new(self);
+        rows::push_json_record(self, record, &mut rows)?;
+        Ok(rows.row(0).values())
     }
 
     /// Validates one record given as text, such as a CSV line: `cell(i)` is
@@ -302,35 +308,39 @@ impl RecordSpec {
         &self,
         cell: impl Fn(usize) -> Option<&'t str>,
     ) -> Result<Vec<Value>, Reject> {
-        self.parse_fields(|i, field| {
-            let text = cell(i)?.trim();
-            (!text.is_empty()).then(|| Cow::Owned(field.ty.json_from_text(text)))
-        })
+        let spelled: Vec<Option<Json>> = self
+            .fields
+            .iter()
+            .enumerate()
+            .map(|(i, field)| {
+                let text = cell(i)?.trim();
+                (!text.is_empty()).then(|| field.ty.json_from_text(text))
+            })
+            .collect();
+        let mut rows = Rows::new(self);
+        rows::push_scalars(
+            self,
+            spelled
+                .iter()
+                .map(|json| json.as_ref().map_or(Scalar::Null, Scalar::from_json)),
+            &mut rows,
+        )?;
+        Ok(rows.row(0).values())
     }
+}
 
-    /// Checks each field's value as `get` finds it (`None`: absent), then
-    /// the rule across fields.
-    fn parse_fields<'j>(
-        &self,
-        mut get: impl FnMut(usize, &Field) -> Option<Cow<'j, Json>>,
-    ) -> Result<Vec<Value>, Reject> {
-        let mut row = Vec::with_capacity(self.fields.len());
-        for (i, field) in self.fields.iter().enumerate() {
-            let value = match get(i, field).as_deref() {
-                None | Some(Json::Null) if field.required => {
-                    return Err(Reject::new(
-                        RejectReason::MissingField,
-                        format!("field `{}` is required", field.name),
-                    ))
-                }
-                None | Some(Json::Null) => Value::Null,
-                Some(json) => field.parse(json)?,
-            };
-            row.push(value);
+/// The most fields of any record type.
+const fn max_fields() -> usize {
+    let mut max = 0;
+    let mut i = 0;
+    while i < RecordType::ALL.len() {
+        let fields = RecordType::ALL[i].spec().fields.len();
+        if fields > max {
+            max = fields;
         }
-        (self.check)(&row)?;
-        Ok(row)
+        i += 1;
     }
+    max
 }
 
 #[cfg(test)]

@@ -3,20 +3,29 @@
 //!
 //! 1. A fresh database on the configured server, a unique stream and prefix.
 //! 2. The stream is pre-filled with `--messages` messages of
-//!    `--records-per-message` records each, every record with its own key.
+//!    `--records-per-message` records each; `--republish-pct` of the records
+//!    (newest-wins types) are newer versions of a key published 5,050
+//!    records earlier, the others have keys of their own.
 //! 3. Each run, in alternating order:
-//!    - baseline: one plain `COPY` of the same rows into a scratch copy of the
-//!      table (same columns and indexes) — the floor the worker can at best reach;
+//!    - baseline: one plain text `COPY` of the expected rows (every key once,
+//!      its newest version) into a scratch copy of the table (same columns
+//!      and indexes), in one transaction — PostgreSQL's own bulk load;
 //!    - worker: [`App::build`] + [`App::run_until_stopped`] in this process,
-//!      consuming the pre-filled stream from its start, timed until every row
-//!      is committed; then `SELECT count(*)` must equal the rows exactly.
-//! 4. Medians of rows/s and of the worker/baseline ratio, the peak RSS and the
-//!    worker's flush durations. The database and streams are removed at the end.
+//!      consuming the pre-filled stream from its start, timed until every
+//!      row is committed, its CPU time (user + system of the process) and
+//!      peak RSS read from `/proc`;
+//!    - exactness: the table must equal the baseline's rows, every value
+//!      compared by its exact text (PostgreSQL prints the shortest text
+//!      that reads back to the same double), with no duplicate key.
+//! 4. Medians of rows/s, of the ratio and of the CPU per row and message.
+//!    The database and streams are removed at the end.
 //!
-//! `--scenario history` measures the history service instead: one market
-//! day of 1-minute candles and 50,000 ticks inserted with SQL, each asked
-//! for `--runs` times through the running service (following cursors) and
-//! read with the equivalent plain query, the baseline.
+//! `--scenario history` measures the history service: one market day of
+//! 1-minute candles and 50,000 ticks, read through the running service and
+//! with the service's own SQL through a pool; then the one-day candle
+//! request at each `--concurrency`, against the same SQL run directly at the
+//! same concurrency. `--scenario memory` fills all five types' queues while
+//! the tables are locked and reports the process's resident memory.
 
 use std::time::Duration;
 
@@ -30,7 +39,7 @@ use tickvault::app::App;
 use tickvault::config::{Config, IngestMode};
 use tickvault::db::Database;
 use tickvault::ingest::source;
-use tickvault::records::{RecordSpec, RecordType};
+use tickvault::records::{Conflict, RecordSpec, RecordType};
 use tickvault::secret::SecretUrl;
 
 /// Options of `tickvault bench`.
@@ -51,9 +60,19 @@ pub struct BenchArgs {
     /// Give up on a worker run after this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout_secs: u64,
-    /// What to measure: `ingest` throughput or `history` latency.
+    /// What to measure: `ingest` throughput, `history` latency or `memory` with full queues.
     #[arg(long, value_enum, default_value_t = Scenario::Ingest)]
     pub scenario: Scenario,
+    /// Percent of records that are a newer version of an earlier record's
+    /// key (0-50; newest-wins types only).
+    #[arg(long, default_value_t = 0)]
+    pub republish_pct: u64,
+    /// History: concurrent clients, one level after the other.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub concurrency: Vec<usize>,
+    /// History: one-day candle requests per concurrency level.
+    #[arg(long, default_value_t = 2000)]
+    pub requests: usize,
 }
 
 /// The benchmark's workload.
@@ -63,6 +82,8 @@ pub enum Scenario {
     Ingest,
     /// A day of candles and 50,000 ticks asked for through the history service.
     History,
+    /// Every type's queue filled while its table is locked: resident memory.
+    Memory,
 }
 
 fn parse_type(name: &str) -> Result<RecordType, String> {
@@ -103,6 +124,13 @@ pub enum BenchError {
         expected: u64,
         actual: i64,
     },
+    #[error("{table} differs from the expected rows: {missing} expected rows missing or different, {unexpected} rows not expected, {duplicates} duplicate keys")]
+    NotExact {
+        table: &'static str,
+        missing: i64,
+        unexpected: i64,
+        duplicates: i64,
+    },
 }
 
 fn db_error(context: impl Into<String>) -> impl FnOnce(sqlx::Error) -> BenchError {
@@ -118,8 +146,12 @@ fn nats_error<E: std::fmt::Display>(context: impl Into<String>) -> impl FnOnce(E
     }
 }
 
-/// One record of `record_type` with a key of its own: record `i` of the bench.
-pub fn bench_record(record_type: RecordType, i: u64) -> Json {
+/// Records apart a re-published version follows its key's first one: more
+/// than a default batch, so the two meet in the table, not only in a batch.
+const REPUBLISH_DISTANCE: u64 = 5_050;
+
+/// Version `version` (0 = the first) of the record with key `i`.
+pub fn bench_record(record_type: RecordType, i: u64, version: u64) -> Json {
     const SYMBOLS: [&str; 10] = [
         "FPT", "VNM", "HPG", "VCB", "MWG", "TCB", "VIC", "VHM", "ACB", "MBB",
     ];
@@ -129,7 +161,8 @@ pub fn bench_record(record_type: RecordType, i: u64) -> Json {
     let base_ms: i64 = 1_764_122_400_000;
     let ts = base_ms + i as i64;
     let symbol = SYMBOLS[(i % SYMBOLS.len() as u64) as usize];
-    let x = (i % 1000) as f64 / 100.0;
+    // A later version moves by a third: a double with every digit used.
+    let x = (i % 1000) as f64 / 100.0 + version as f64 / 3.0;
     match record_type {
         RecordType::Tick => json!({
             "symbol": symbol, "timestamp": ts, "price": 50.0 + x,
@@ -138,11 +171,11 @@ pub fn bench_record(record_type: RecordType, i: u64) -> Json {
         }),
         RecordType::Candle => json!({
             "symbol": symbol, "timestamp": ts, "open": 50.0 + x, "high": 52.0 + x,
-            "low": 49.0 + x, "close": 51.0 + x, "volume": 1000 + i % 977, "value": 5.1e7,
+            "low": 49.0 + x, "close": 51.0 + x, "volume": 1000 + i % 977 + version, "value": 5.1e7 + x,
         }),
         RecordType::Foreign => json!({
-            "symbol": symbol, "timestamp": ts, "buy_volume": i, "sell_volume": i / 2,
-            "buy_value": i as f64 * 5e4, "sell_value": i as f64 * 2.5e4, "room": 1_000_000,
+            "symbol": symbol, "timestamp": ts, "buy_volume": i + version, "sell_volume": i / 2,
+            "buy_value": i as f64 * 5e4 + x, "sell_value": i as f64 * 2.5e4, "room": 1_000_000,
         }),
         RecordType::Index => json!({
             "index_name": INDEX_NAMES[(i % 3) as usize],
@@ -158,17 +191,57 @@ pub fn bench_record(record_type: RecordType, i: u64) -> Json {
     }
 }
 
-/// Message `m`'s payload: a single object, or an array of `per_message` records.
-pub fn bench_payload(record_type: RecordType, m: u64, per_message: usize) -> Json {
-    if per_message == 1 {
-        return bench_record(record_type, m);
+/// The feed's records: which are re-published versions, and what is expected.
+#[derive(Debug, Clone, Copy)]
+struct Feed {
+    record_type: RecordType,
+    records: u64,
+    republish_pct: u64,
+}
+
+impl Feed {
+    /// Whether record `n` of the stream re-publishes the key of record
+    /// `n - REPUBLISH_DISTANCE` (whose own position is never a re-publish).
+    fn republishes(&self, n: u64) -> bool {
+        n >= REPUBLISH_DISTANCE && n % 100 < self.republish_pct
     }
-    let first = m * per_message as u64;
-    Json::Array(
-        (first..first + per_message as u64)
-            .map(|i| bench_record(record_type, i))
-            .collect(),
-    )
+
+    /// Record `n` of the stream.
+    fn record(&self, n: u64) -> Json {
+        if self.republishes(n) {
+            bench_record(self.record_type, n - REPUBLISH_DISTANCE, 1)
+        } else {
+            bench_record(self.record_type, n, 0)
+        }
+    }
+
+    /// Message `m`'s payload: a single object, or an array of `per_message` records.
+    fn payload(&self, m: u64, per_message: usize) -> Json {
+        if per_message == 1 {
+            return self.record(m);
+        }
+        let first = m * per_message as u64;
+        Json::Array(
+            (first..first + per_message as u64)
+                .map(|n| self.record(n))
+                .collect(),
+        )
+    }
+
+    /// The rows the table must hold: every key once, in its newest version.
+    fn expected(&self) -> impl Iterator<Item = Json> + '_ {
+        (0..self.records)
+            .filter(|&n| !self.republishes(n))
+            .map(|n| {
+                let later = n + REPUBLISH_DISTANCE;
+                let version = u64::from(later < self.records && self.republishes(later));
+                bench_record(self.record_type, n, version)
+            })
+    }
+
+    fn expected_rows(&self) -> u64 {
+        (0..self.records).filter(|&n| !self.republishes(n)).count() as u64
+    }
 }
 
 /// One run's result.
@@ -176,6 +249,9 @@ pub fn bench_payload(record_type: RecordType, m: u64, per_message: usize) -> Jso
 struct Run {
     baseline_rows_per_s: f64,
     worker_rows_per_s: f64,
+    /// CPU time of the process while the worker ran, in microseconds.
+    cpu_us: f64,
+    peak_rss_kib: u64,
 }
 
 impl Run {
@@ -245,6 +321,7 @@ pub async fn run(config: &Config, args: BenchArgs) -> Result<(), BenchError> {
     let result = match args.scenario {
         Scenario::Ingest => bench(config, &args, &scratch).await,
         Scenario::History => history(config, &args, &scratch).await,
+        Scenario::Memory => memory(config, &args, &scratch).await,
     };
     scratch.remove().await;
     result
@@ -265,6 +342,21 @@ fn validate(config: &Config, args: &BenchArgs) -> Result<(), BenchError> {
     if args.runs == 0 {
         return invalid("runs", "must be at least 1".into());
     }
+    if args.republish_pct > 50 {
+        return invalid("republish-pct", "must be 0 to 50".into());
+    }
+    if args.republish_pct > 0 && args.record_type.spec().conflict != Conflict::NewestWins {
+        return invalid(
+            "republish-pct",
+            "a re-published trade is a duplicate (keep-first): use a newest-wins type".into(),
+        );
+    }
+    if args.concurrency.contains(&0) || args.requests == 0 {
+        return invalid(
+            "concurrency",
+            "levels and --requests must be at least 1".into(),
+        );
+    }
     Ok(())
 }
 
@@ -280,9 +372,18 @@ fn worker_config(config: &Config, scratch: &Scratch) -> Config {
     worker
 }
 
+fn feed(args: &BenchArgs) -> Feed {
+    Feed {
+        record_type: args.record_type,
+        records: args.messages * args.records_per_message as u64,
+        republish_pct: args.republish_pct,
+    }
+}
+
 async fn bench(config: &Config, args: &BenchArgs, scratch: &Scratch) -> Result<(), BenchError> {
     let spec = args.record_type.spec();
-    let rows = args.messages * args.records_per_message as u64;
+    let feed = feed(args);
+    let rows = feed.expected_rows();
     let worker = worker_config(config, scratch);
 
     let db = Database::connect_lazy(&worker.database)?;
@@ -297,8 +398,8 @@ async fn bench(config: &Config, args: &BenchArgs, scratch: &Scratch) -> Result<(
     .map_err(db_error("create the baseline table"))?;
 
     let prefill_started = Instant::now();
-    prefill(&worker, args, scratch).await?;
-    let copy_data = copy_text(spec, args)?;
+    prefill(&worker, args, &feed, scratch, args.record_type).await?;
+    let copy_data = copy_text(spec, &feed)?;
     tracing::info!(
         messages = args.messages,
         rows,
@@ -319,19 +420,20 @@ async fn bench(config: &Config, args: &BenchArgs, scratch: &Scratch) -> Result<(
             let b = baseline(&db.pool, spec, &baseline_table, &copy_data, rows).await?;
             (b, w)
         };
-        let (worker_rate, exposition) = worker_run;
+        check_exact(&db.pool, spec, &baseline_table).await?;
+        let (mut run, exposition) = worker_run;
+        run.baseline_rows_per_s = baseline;
         flushes.push(flush_quantiles(&exposition, args.record_type));
-        let run = Run {
-            baseline_rows_per_s: baseline,
-            worker_rows_per_s: worker_rate,
-        };
         println!(
-            "run {}/{}: baseline COPY {:>10.0} rows/s   worker {:>10.0} rows/s   ratio {:.3}",
+            "run {}/{}: baseline COPY {:>9.0} rows/s   worker {:>9.0} rows/s   ratio {:.3}   worker CPU {:.2} us/row {:.2} us/msg   peak RSS {:.1} MiB   exact",
             n + 1,
             args.runs,
             run.baseline_rows_per_s,
             run.worker_rows_per_s,
-            run.ratio()
+            run.ratio(),
+            run.cpu_us / rows as f64,
+            run.cpu_us / args.messages as f64,
+            run.peak_rss_kib as f64 / 1024.0,
         );
         runs.push(run);
     }
@@ -339,10 +441,11 @@ async fn bench(config: &Config, args: &BenchArgs, scratch: &Scratch) -> Result<(
 
     let median_of = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(f).collect());
     println!(
-        "tickvault bench: type={} messages={} records/message={} rows={} runs={}",
+        "tickvault bench: type={} messages={} records/message={} republished={}% rows={} runs={}",
         args.record_type.name(),
         args.messages,
         args.records_per_message,
+        args.republish_pct,
         rows,
         args.runs
     );
@@ -358,6 +461,16 @@ async fn bench(config: &Config, args: &BenchArgs, scratch: &Scratch) -> Result<(
         "  median ratio worker/baseline: {:.3}",
         median_of(&|r| r.ratio())
     );
+    println!(
+        "  median worker CPU: {:.2} us/row, {:.2} us/message (user + system of this process while the worker ran)",
+        median_of(&|r| r.cpu_us) / rows as f64,
+        median_of(&|r| r.cpu_us) / args.messages as f64,
+    );
+    println!(
+        "  peak RSS while the worker ran: {:.1} MiB (max of the runs; this process, the bench's copy of the expected rows included: {:.1} MiB)",
+        runs.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0) as f64 / 1024.0,
+        copy_data.len() as f64 / (1024.0 * 1024.0),
+    );
     if let Some(Some((count, p50, p99))) = flushes.last() {
         println!(
             "  flushes (last run): {count}, duration p50 {:.1} ms, p99 {:.1} ms (histogram estimate)",
@@ -365,14 +478,115 @@ async fn bench(config: &Config, args: &BenchArgs, scratch: &Scratch) -> Result<(
             p99 * 1e3
         );
     }
-    match peak_rss_kib() {
-        Some(kib) => println!(
-            "  peak RSS of this process: {:.1} MiB (includes the bench's own copy of the rows)",
-            kib as f64 / 1024.0
-        ),
-        None => println!("  peak RSS: unavailable (no /proc/self/status)"),
-    }
     Ok(())
+}
+
+/// Every type's queue filled while its table is locked: the process's
+/// resident memory then, and exactness once the lock is gone.
+async fn memory(config: &Config, args: &BenchArgs, scratch: &Scratch) -> Result<(), BenchError> {
+    let mut worker = worker_config(config, scratch);
+    // Migrations would wait for the locks the bench holds.
+    worker.database.migrate_on_start = false;
+    let db = Database::connect_lazy(&worker.database)?;
+    db.migrate().await?;
+    for record_type in RecordType::ALL {
+        let feed = Feed {
+            record_type,
+            records: args.messages * args.records_per_message as u64,
+            republish_pct: 0,
+        };
+        prefill(&worker, args, &feed, scratch, record_type).await?;
+    }
+    let tables: Vec<&str> = RecordType::ALL.iter().map(|t| t.spec().table).collect();
+    let mut lock = db.pool.begin().await.map_err(db_error("begin the lock"))?;
+    sqlx::query(&format!(
+        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+        tables.join(", ")
+    ))
+    .execute(&mut *lock)
+    .await
+    .map_err(db_error("lock the tables"))?;
+
+    reset_peak_rss();
+    let before = current_rss_kib().unwrap_or(0);
+    let app = App::build(worker.clone()).await?;
+    let metrics = app.metrics();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(app.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    // Full: less room left than one more message takes.
+    let capacity = worker.ingest.queue_capacity as i64;
+    let full_at = capacity - args.records_per_message as i64;
+    let started = Instant::now();
+    let mut depths = Vec::new();
+    while started.elapsed() < Duration::from_secs(args.timeout_secs) {
+        let exposition = metrics.render();
+        depths = RecordType::ALL
+            .iter()
+            .map(|t| gauge(&exposition, "tickvault_queue_depth", t.name()))
+            .collect();
+        if depths.iter().all(|d| *d >= full_at) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let the held pulls settle too.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss = current_rss_kib().unwrap_or(0);
+    let peak = peak_rss_kib().unwrap_or(0);
+    lock.rollback()
+        .await
+        .map_err(db_error("release the lock"))?;
+    let expected = args.messages * args.records_per_message as u64;
+    let drained = Instant::now();
+    while RecordType::ALL
+        .iter()
+        .any(|t| metrics.rows_written(*t) < expected)
+        && drained.elapsed() < Duration::from_secs(args.timeout_secs)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let drained_peak = peak_rss_kib().unwrap_or(0);
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(40), handle).await;
+    for t in RecordType::ALL {
+        let count = count_rows(&db.pool, t.spec().table).await?;
+        if count != expected as i64 {
+            return Err(BenchError::WrongCount {
+                table: t.spec().table,
+                expected,
+                actual: count,
+            });
+        }
+    }
+    db.pool.close().await;
+    println!(
+        "tickvault bench --scenario memory: 5 types x {} messages x {} records, queue_capacity {}",
+        args.messages, args.records_per_message, capacity
+    );
+    println!("  queue depths when measured: {depths:?} (full at >= {full_at})");
+    println!(
+        "  resident memory: {:.1} MiB with every queue full, peak {:.1} MiB (this process; {:.1} MiB before the worker started)",
+        rss as f64 / 1024.0,
+        peak as f64 / 1024.0,
+        before as f64 / 1024.0
+    );
+    println!(
+        "  after the tables were unlocked every row was written (exact counts); peak while draining: {:.1} MiB",
+        drained_peak as f64 / 1024.0
+    );
+    Ok(())
+}
+
+/// A gauge's value for one type in a Prometheus exposition.
+fn gauge(exposition: &str, name: &str, record_type: &str) -> i64 {
+    let series = format!("{name}{{type=\"{record_type}\"}} ");
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as i64)
 }
 
 /// The history scenario's data: 375 one-minute candles (09:00-15:14 on
@@ -454,6 +668,7 @@ async fn history(config: &Config, args: &BenchArgs, scratch: &Scratch) -> Result
         );
         timings.push([candle_s, candle_sql_s, tick_s, tick_sql_s]);
     }
+    let levels = concurrency_levels(&client, prefix, &worker, args).await?;
     let _ = stop.send(());
     match tokio::time::timeout(Duration::from_secs(40), handle).await {
         Ok(Ok(result)) => result?,
@@ -478,7 +693,174 @@ async fn history(config: &Config, args: &BenchArgs, scratch: &Scratch) -> Result
             served / baseline
         );
     }
+    println!(
+        "  one-day 1m-candle requests, {} per level; direct = the service's SQL through a pool of as many connections as the service has slots:",
+        args.requests
+    );
+    for level in levels {
+        println!(
+            "  concurrency {:>2}: service {:>7.0} req/s (p50 {:.2} ms, p99 {:.2} ms)   direct SQL {:>7.0} req/s (p50 {:.2} ms, p99 {:.2} ms)   ratio {:.2}",
+            level.concurrency,
+            level.service.per_s,
+            level.service.p50 * 1e3,
+            level.service.p99 * 1e3,
+            level.direct.per_s,
+            level.direct.p50 * 1e3,
+            level.direct.p99 * 1e3,
+            level.service.per_s / level.direct.per_s
+        );
+    }
     Ok(())
+}
+
+/// Requests per second and latency quantiles of one load.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    per_s: f64,
+    p50: f64,
+    p99: f64,
+}
+
+struct Level {
+    concurrency: usize,
+    service: Load,
+    direct: Load,
+}
+
+/// `requests` calls of `call` from `concurrency` tasks at once.
+async fn load<F, Fut>(concurrency: usize, requests: usize, call: F) -> Result<Load, BenchError>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), BenchError>> + Send,
+{
+    let left = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(requests));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let left = left.clone();
+        let call = call.clone();
+        tasks.spawn(async move {
+            let mut latencies = Vec::new();
+            while left
+                .fetch_update(
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                    |n| n.checked_sub(1),
+                )
+                .is_ok()
+            {
+                let asked = Instant::now();
+                call().await?;
+                latencies.push(asked.elapsed().as_secs_f64());
+            }
+            Ok::<_, BenchError>(latencies)
+        });
+    }
+    let mut latencies = Vec::with_capacity(requests);
+    while let Some(done) = tasks.join_next().await {
+        latencies.extend(done.map_err(|e| BenchError::Nats {
+            context: "a load task".into(),
+            message: e.to_string(),
+        })??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    let quantile =
+        |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    Ok(Load {
+        per_s: requests as f64 / elapsed,
+        p50: quantile(0.5),
+        p99: quantile(0.99),
+    })
+}
+
+/// The one-day candle request at each `--concurrency`: through the service,
+/// then its own SQL directly through a pool.
+async fn concurrency_levels(
+    client: &async_nats::Client,
+    prefix: &str,
+    worker: &Config,
+    args: &BenchArgs,
+) -> Result<Vec<Level>, BenchError> {
+    let body = json!({"symbol": "FPT", "from": HISTORY_DAY, "to": HISTORY_DAY}).to_string();
+    let query =
+        tickvault::history::request::parse(RecordType::Candle, body.as_bytes()).map_err(|e| {
+            BenchError::InvalidArgument {
+                arg: "scenario",
+                message: format!("the history request: {e}"),
+            }
+        })?;
+    let slots = (worker.database.pool_max / 2).max(1);
+    let direct_pool = PgPoolOptions::new()
+        .max_connections(slots)
+        .connect_with(tickvault::db::connect_options(&worker.database)?)
+        .await
+        .map_err(db_error("connect the direct pool"))?;
+    let subject = format!("{prefix}.candles");
+    let mut levels = Vec::new();
+    for &concurrency in &args.concurrency {
+        let service = {
+            let client = client.clone();
+            let subject = subject.clone();
+            let body = body.clone();
+            load(concurrency, args.requests, move || {
+                let client = client.clone();
+                let subject = subject.clone();
+                let body = body.clone();
+                async move {
+                    let reply = client
+                        .request(subject, body.into())
+                        .await
+                        .map_err(nats_error("ask for candles"))?;
+                    let rows = serde_json::from_slice::<Json>(&reply.payload)
+                        .ok()
+                        .and_then(|r| r["rows"].as_array().map(Vec::len));
+                    if rows != Some(HISTORY_CANDLES as usize) {
+                        return Err(BenchError::WrongCount {
+                            table: "candles_1m",
+                            expected: HISTORY_CANDLES as u64,
+                            actual: rows.map_or(-1, |n| n as i64),
+                        });
+                    }
+                    Ok(())
+                }
+            })
+            .await?
+        };
+        let direct = {
+            let pool = direct_pool.clone();
+            let query = query.clone();
+            load(concurrency, args.requests, move || {
+                let pool = pool.clone();
+                let query = query.clone();
+                async move {
+                    let (sql, arguments) =
+                        tickvault::history::query::build(&query, i64::from(query.limit) + 1)
+                            .map_err(db_error("build the history SQL"))?;
+                    let rows = sqlx::query_with(&sql, arguments)
+                        .fetch_all(&pool)
+                        .await
+                        .map_err(db_error("the history SQL"))?;
+                    if rows.len() != HISTORY_CANDLES as usize {
+                        return Err(BenchError::WrongCount {
+                            table: "candles_1m",
+                            expected: HISTORY_CANDLES as u64,
+                            actual: rows.len() as i64,
+                        });
+                    }
+                    Ok(())
+                }
+            })
+            .await?
+        };
+        levels.push(Level {
+            concurrency,
+            service,
+            direct,
+        });
+    }
+    direct_pool.close().await;
+    Ok(levels)
 }
 
 async fn timed<T>(
@@ -534,20 +916,26 @@ async fn select_day(db: &Database, table: &str) -> Result<i64, BenchError> {
     Ok(rows.len() as i64)
 }
 
-/// Publishes every message through JetStream, a window of acks at a time,
-/// then checks the stream holds them all.
-async fn prefill(worker: &Config, args: &BenchArgs, scratch: &Scratch) -> Result<(), BenchError> {
+/// Publishes every message of one type through JetStream, a window of
+/// acks at a time, then checks the stream holds them all.
+async fn prefill(
+    worker: &Config,
+    args: &BenchArgs,
+    feed: &Feed,
+    scratch: &Scratch,
+    record_type: RecordType,
+) -> Result<(), BenchError> {
     source::ensure_streams(&scratch.js, &worker.ingest)
         .await
         .map_err(nats_error("create the bench stream"))?;
-    let subject_prefix = format!("{}.{}", scratch.prefix, args.record_type.name());
+    let subject_prefix = format!("{}.{}", scratch.prefix, record_type.name());
     let mut pending = std::collections::VecDeque::new();
     for m in 0..args.messages {
-        let payload = bench_payload(args.record_type, m, args.records_per_message);
+        let payload = feed.payload(m, args.records_per_message);
         let key = payload
             .get(0)
             .unwrap_or(&payload)
-            .get(args.record_type.spec().id_field())
+            .get(record_type.spec().id_field())
             .and_then(Json::as_str)
             .unwrap_or("X")
             .to_string();
@@ -574,30 +962,34 @@ async fn prefill(worker: &Config, args: &BenchArgs, scratch: &Scratch) -> Result
         .get_stream(&scratch.stream)
         .await
         .map_err(nats_error("read the bench stream"))?;
-    let held = stream
+    let info = stream
         .info()
         .await
-        .map_err(nats_error("read the bench stream"))?
-        .state
-        .messages;
-    if held != args.messages {
+        .map_err(nats_error("read the bench stream"))?;
+    // The types are pre-filled one after the other, each with `--messages`.
+    let types_before = RecordType::ALL
+        .iter()
+        .position(|t| *t == record_type)
+        .filter(|_| args.scenario == Scenario::Memory)
+        .unwrap_or(0) as u64;
+    let expected = (types_before + 1) * args.messages;
+    if info.state.messages != expected {
         return Err(BenchError::Nats {
             context: "pre-fill".into(),
             message: format!(
-                "stream {} holds {held} messages, expected {}",
-                scratch.stream, args.messages
+                "stream {} holds {} messages, expected {expected}",
+                scratch.stream, info.state.messages
             ),
         });
     }
     Ok(())
 }
 
-/// The rows as COPY text, parsed and encoded the way the worker does.
-fn copy_text(spec: &RecordSpec, args: &BenchArgs) -> Result<String, BenchError> {
-    let rows = args.messages * args.records_per_message as u64;
-    let mut data = String::with_capacity(rows as usize * 80);
-    for i in 0..rows {
-        let record = bench_record(spec.record_type, i);
+/// The expected rows as COPY text, parsed by the record rules and written
+/// as PostgreSQL reads them back exactly.
+fn copy_text(spec: &RecordSpec, feed: &Feed) -> Result<String, BenchError> {
+    let mut data = String::with_capacity(feed.records as usize * 80);
+    for record in feed.expected() {
         let values = spec
             .parse_record(&record)
             .map_err(|r| BenchError::InvalidArgument {
@@ -622,15 +1014,10 @@ async fn baseline(
         .execute(&mut *conn)
         .await
         .map_err(db_error("truncate the baseline table"))?;
-    let columns = spec
-        .column_names()
-        .map(|c| format!("\"{c}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
     let started = Instant::now();
     let mut tx = conn.begin().await.map_err(db_error("baseline begin"))?;
     let mut copy = tx
-        .copy_in_raw(&format!("COPY {table} ({columns}) FROM STDIN"))
+        .copy_in_raw(&format!("COPY {table} ({}) FROM STDIN", column_list(spec)))
         .await
         .map_err(db_error("baseline COPY"))?;
     for chunk in data.as_bytes().chunks(1 << 20) {
@@ -656,15 +1043,53 @@ async fn baseline(
     Ok(rows as f64 / elapsed.as_secs_f64())
 }
 
+fn column_list(spec: &RecordSpec) -> String {
+    spec.column_names()
+        .map(|c| format!("\"{c}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The worker's table equals the expected rows (the baseline's), value for
+/// value: each row compared as text, where PostgreSQL prints a double in the
+/// shortest form that reads back to the same bits; and no key twice.
+async fn check_exact(pool: &PgPool, spec: &RecordSpec, expected: &str) -> Result<(), BenchError> {
+    let table = spec.table;
+    let row = format!("ROW({})::text", column_list(spec));
+    let key = spec
+        .key
+        .iter()
+        .map(|k| format!("\"{k}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let (missing, unexpected, duplicates): (i64, i64, i64) = sqlx::query_as(&format!(
+        "SELECT (SELECT count(*) FROM (SELECT {row} FROM {expected} EXCEPT ALL SELECT {row} FROM {table}) m), \
+                (SELECT count(*) FROM (SELECT {row} FROM {table} EXCEPT ALL SELECT {row} FROM {expected}) u), \
+                (SELECT count(*) - count(DISTINCT ({key})) FROM {table})"
+    ))
+    .fetch_one(pool)
+    .await
+    .map_err(db_error("compare the rows"))?;
+    if missing + unexpected + duplicates > 0 {
+        return Err(BenchError::NotExact {
+            table,
+            missing,
+            unexpected,
+            duplicates,
+        });
+    }
+    Ok(())
+}
+
 /// Starts the worker on the pre-filled stream with fresh consumers and an
-/// empty table; returns rows/s and the worker's final metrics.
+/// empty table; returns its rows/s, CPU and peak memory, and its final metrics.
 async fn run_worker(
     config: &Config,
     args: &BenchArgs,
     pool: &PgPool,
     scratch: &Scratch,
     rows: u64,
-) -> Result<(f64, String), BenchError> {
+) -> Result<(Run, String), BenchError> {
     let spec = args.record_type.spec();
     // Fresh consumers start from the first message kept in the stream.
     for t in RecordType::ALL {
@@ -678,6 +1103,8 @@ async fn run_worker(
         .await
         .map_err(db_error("truncate the table"))?;
 
+    reset_peak_rss();
+    let cpu_before = cpu_time_us();
     let started = Instant::now();
     let app = App::build(config.clone()).await?;
     let metrics = app.metrics();
@@ -687,9 +1114,14 @@ async fn run_worker(
     }));
     let timeout = Duration::from_secs(args.timeout_secs);
     let mut finished = None;
+    let mut cpu_us = 0.0;
     while started.elapsed() < timeout {
-        if metrics.rows_written(args.record_type) >= rows {
+        if metrics.rows_written(args.record_type) >= args.messages * args.records_per_message as u64
+        {
             finished = Some(started.elapsed());
+            cpu_us = cpu_time_us()
+                .zip(cpu_before)
+                .map_or(f64::NAN, |(a, b)| a - b);
             break;
         }
         if handle.is_finished() {
@@ -697,6 +1129,7 @@ async fn run_worker(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let peak_rss_kib = peak_rss_kib().unwrap_or(0);
     let count = count_rows(pool, spec.table).await?;
     let _ = stop.send(());
     let exposition = metrics.render();
@@ -724,7 +1157,13 @@ async fn run_worker(
             actual: count,
         });
     }
-    Ok((rows as f64 / elapsed.as_secs_f64(), exposition))
+    let run = Run {
+        baseline_rows_per_s: f64::NAN,
+        worker_rows_per_s: rows as f64 / elapsed.as_secs_f64(),
+        cpu_us,
+        peak_rss_kib,
+    };
+    Ok((run, exposition))
 }
 
 async fn count_rows(pool: &PgPool, table: &'static str) -> Result<i64, BenchError> {
@@ -744,13 +1183,37 @@ fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
-/// Peak resident set size (`VmHWM`) in KiB.
-fn peak_rss_kib() -> Option<u64> {
+/// A `/proc/self/status` line's value in KiB.
+fn status_kib(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Peak resident set size (`VmHWM`) in KiB.
+fn peak_rss_kib() -> Option<u64> {
+    status_kib("VmHWM:")
+}
+
+fn current_rss_kib() -> Option<u64> {
+    status_kib("VmRSS:")
+}
+
+/// Starts the peak (`VmHWM`) anew from the current resident size.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// User + system CPU time of this process (every thread), in microseconds.
+fn cpu_time_us() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces), from field 3.
+    let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split(' ').collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // Clock ticks are 1/100 s on Linux (USER_HZ).
+    Some(ticks as f64 * 10_000.0)
 }
 
 /// (flushes, p50, p99) of `tickvault_flush_duration_seconds{type}`, estimated
@@ -811,7 +1274,12 @@ mod tests {
             let positions = spec.key_positions();
             let mut keys = HashSet::new();
             for m in 0..200 {
-                let payload = bench_payload(t, m, 3);
+                let payload = Feed {
+                    record_type: t,
+                    records: 600,
+                    republish_pct: 0,
+                }
+                .payload(m, 3);
                 for record in payload.as_array().unwrap() {
                     let row = spec.parse_record(record).unwrap();
                     let key: Vec<String> =
@@ -820,7 +1288,49 @@ mod tests {
                 }
             }
         }
-        assert!(bench_payload(RecordType::Tick, 0, 1).is_object());
+        let feed = Feed {
+            record_type: RecordType::Tick,
+            records: 1,
+            republish_pct: 0,
+        };
+        assert!(feed.payload(0, 1).is_object());
+    }
+
+    #[test]
+    fn republished_versions_replace_their_key_once_and_are_expected() {
+        let feed = Feed {
+            record_type: RecordType::Candle,
+            records: 20_000,
+            republish_pct: 10,
+        };
+        let spec = RecordType::Candle.spec();
+        let positions = spec.key_positions();
+        let key = |record: &Json| {
+            let row = spec.parse_record(record).unwrap();
+            positions
+                .iter()
+                .map(|&p| format!("{:?}", row[p]))
+                .collect::<Vec<_>>()
+        };
+        let mut newest = std::collections::HashMap::new();
+        let mut republished = 0;
+        for n in 0..feed.records {
+            let record = feed.record(n);
+            if newest.insert(key(&record), record).is_some() {
+                republished += 1;
+            }
+        }
+        assert_eq!(republished, feed.records - feed.expected_rows());
+        assert!(republished > 1000, "{republished}");
+        let expected: Vec<Json> = feed.expected().collect();
+        assert_eq!(expected.len(), newest.len());
+        for record in expected {
+            assert_eq!(
+                newest[&key(&record)],
+                record,
+                "the newest version is expected"
+            );
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `tickvault import`: back-fill from CSV files, through the worker's own
 //! validation ([`RecordSpec::parse_text_record`]) and COPY sink
-//! ([`Sink::write_rows`]), so keys, conflict rules, retries and bad-row
+//! ([`Writer::write_rows`]), so keys, conflict rules, retries and bad-row
 //! isolation are those of live ingest.
 //!
 //! Each file holds one record type, with the contract's field names as its
@@ -26,9 +26,11 @@ use tokio_util::sync::CancellationToken;
 
 use tickvault::db::Database;
 use tickvault::ingest::delivery::Lifecycle;
-use tickvault::ingest::sink::Sink;
+use tickvault::ingest::sink::Writer;
 use tickvault::ops::metrics::Metrics;
-use tickvault::records::{format_timestamp, RecordSpec, RecordType, Reject, RejectReason, Value};
+use tickvault::records::{
+    format_timestamp, RecordSpec, RecordType, Reject, RejectReason, Rows, Value,
+};
 use tickvault::{ops, Config};
 
 use super::dlq::parse_type;
@@ -126,16 +128,13 @@ pub async fn run(config: &Config, args: ImportArgs) -> anyhow::Result<ExitCode> 
     let mut totals = Tally::default();
     let mut interrupted = None;
     for input in files {
-        let sink = Sink::for_rows(
-            input.record_type,
-            db.clone(),
-            metrics.clone(),
-            Lifecycle::new(input.record_type, metrics.clone(), config.ingest.ack_wait()),
-            stop.clone(),
-        );
+        let writer = Writer::new(input.record_type, db.clone(), metrics.clone(), stop.clone());
+        // Each write is bounded as the worker bounds it.
+        let timeout = Lifecycle::new(input.record_type, metrics.clone(), config.ingest.ack_wait())
+            .write_timeout();
         let file = import_file(
             &input,
-            &sink,
+            (&writer, timeout),
             args.batch_rows as usize,
             &progress,
             &mut rejects,
@@ -257,7 +256,7 @@ struct RejectedLine {
 
 async fn import_file(
     input: &Input,
-    sink: &Sink,
+    (writer, timeout): (&Writer, Duration),
     batch_rows: usize,
     progress: &Progress,
     rejects: &mut Rejects,
@@ -285,7 +284,8 @@ async fn import_file(
         tally.rejected += batch.rejected.len() as u64;
         tally.lines += batch.rejected.len() as u64;
         if !batch.rows.is_empty() {
-            let written = sink.write_rows(&batch.rows).await;
+            let rows = Rows::from_values(input.record_type.spec(), &batch.rows);
+            let written = writer.write_rows(&rows, timeout).await;
             if written.gave_up {
                 interrupted_after = Some(last_written);
                 break;
