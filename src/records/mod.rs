@@ -278,6 +278,16 @@ impl RecordSpec {
         self.fields.iter().map(|f| f.name)
     }
 
+    /// The key's columns quoted for SQL: `"symbol", "timestamp"`.
+    pub fn key_list(&self) -> String {
+        quoted_list(self.key.iter().copied())
+    }
+
+    /// Every column quoted for SQL, in row order.
+    pub fn column_list(&self) -> String {
+        quoted_list(self.column_names())
+    }
+
     /// Positions of the key columns within a row.
     pub fn key_positions(&self) -> Vec<usize> {
         self.key
@@ -341,6 +351,13 @@ const fn max_fields() -> usize {
         i += 1;
     }
     max
+}
+
+fn quoted_list<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    names
+        .map(|n| format!("\"{n}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]

@@ -1017,7 +1017,7 @@ async fn baseline(
     let started = Instant::now();
     let mut tx = conn.begin().await.map_err(db_error("baseline begin"))?;
     let mut copy = tx
-        .copy_in_raw(&format!("COPY {table} ({}) FROM STDIN", column_list(spec)))
+        .copy_in_raw(&format!("COPY {table} ({}) FROM STDIN", spec.column_list()))
         .await
         .map_err(db_error("baseline COPY"))?;
     for chunk in data.as_bytes().chunks(1 << 20) {
@@ -1043,25 +1043,13 @@ async fn baseline(
     Ok(rows as f64 / elapsed.as_secs_f64())
 }
 
-fn column_list(spec: &RecordSpec) -> String {
-    spec.column_names()
-        .map(|c| format!("\"{c}\""))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// The worker's table equals the expected rows (the baseline's), value for
 /// value: each row compared as text, where PostgreSQL prints a double in the
 /// shortest form that reads back to the same bits; and no key twice.
 async fn check_exact(pool: &PgPool, spec: &RecordSpec, expected: &str) -> Result<(), BenchError> {
     let table = spec.table;
-    let row = format!("ROW({})::text", column_list(spec));
-    let key = spec
-        .key
-        .iter()
-        .map(|k| format!("\"{k}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let row = format!("ROW({})::text", spec.column_list());
+    let key = spec.key_list();
     let (missing, unexpected, duplicates): (i64, i64, i64) = sqlx::query_as(&format!(
         "SELECT (SELECT count(*) FROM (SELECT {row} FROM {expected} EXCEPT ALL SELECT {row} FROM {table}) m), \
                 (SELECT count(*) FROM (SELECT {row} FROM {table} EXCEPT ALL SELECT {row} FROM {expected}) u), \

@@ -35,12 +35,7 @@ impl Statements {
         let column_list = columns.join(", ");
         let table = spec.table;
         let staging = format!("tickvault_staging_{table}");
-        let key = spec
-            .key
-            .iter()
-            .map(|c| format!("\"{c}\""))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let key = spec.key_list();
         let on_conflict = match spec.conflict {
             Conflict::KeepFirst => "DO NOTHING".to_string(),
             Conflict::NewestWins => {
