@@ -55,12 +55,19 @@ pub fn decode(spec: &RecordSpec, payload: &Bytes, limits: Limits) -> Decoded {
     let shape = match rows::read_payload(spec, payload, limits.max_records_per_message, &mut rows) {
         Ok(shape) => shape,
         Err(e) => {
-            let detail = format!("payload is not valid JSON: {e}");
-            return whole(
-                spec,
-                Reject::new(RejectReason::InvalidJson, detail),
-                payload,
-            );
+            match record_by_record(spec, payload, limits.max_records_per_message, &mut rows) {
+                // An array whose elements are each valid JSON on their own (one
+                // of them nested too deep when counted from the payload's root).
+                Some(shape) => shape,
+                None => {
+                    let detail = format!("payload is not valid JSON: {e}");
+                    return whole(
+                        spec,
+                        Reject::new(RejectReason::InvalidJson, detail),
+                        payload,
+                    );
+                }
+            }
         }
     };
     let reject = match shape {
@@ -93,6 +100,42 @@ pub fn decode(spec: &RecordSpec, payload: &Bytes, limits: Limits) -> Decoded {
         ),
     };
     whole(spec, reject, payload)
+}
+
+/// Reads an array element by element, each judged on its own (nesting
+/// counted from the record), as [`record_texts`] splits it; `None` when the
+/// payload is not an array of JSON values.
+fn record_by_record(
+    spec: &RecordSpec,
+    payload: &Bytes,
+    max_records: usize,
+    rows: &mut Rows,
+) -> Option<Shape> {
+    let records: Vec<&RawValue> = serde_json::from_slice(payload).ok()?;
+    if records.is_empty() {
+        return Some(Shape::Empty);
+    }
+    if records.len() > max_records {
+        return Some(Shape::TooMany(records.len()));
+    }
+    let mut rejected = Vec::new();
+    for (index, raw) in records.iter().enumerate() {
+        match rows::read_record(spec, raw.get().as_bytes(), rows) {
+            Ok(Ok(())) => {}
+            Ok(Err(reject)) => rejected.push((index, reject)),
+            Err(e) => rejected.push((
+                index,
+                Reject::new(
+                    RejectReason::InvalidJson,
+                    format!("record is not valid JSON: {e}"),
+                ),
+            )),
+        }
+    }
+    Some(Shape::Array {
+        records: records.len(),
+        rejected,
+    })
 }
 
 /// The rejected records of a valid array, each with its original JSON text
@@ -176,6 +219,28 @@ mod tests {
             dead["side"], "hold",
             "the dead letter is the rejected record alone"
         );
+    }
+
+    #[test]
+    fn a_record_nested_too_deep_is_refused_alone_and_its_neighbours_land() {
+        // 127 levels inside the record: within serde_json's 128 when counted
+        // from the record, beyond it when counted from the array.
+        let deep = format!("{}1{}", "[".repeat(126), "]".repeat(126));
+        let nested = TICK.replace("\"seq\":1", &format!("\"seq\":1,\"extra\":{deep}"));
+        let payload = format!("[{TICK},{nested}]");
+        let decoded = decode(RecordType::Tick.spec(), &Bytes::from(payload), LIMITS);
+        assert_eq!(
+            (decoded.rows.len(), decoded.rejected.len()),
+            (2, 0),
+            "each record is within the limit on its own (the unknown field is ignored)"
+        );
+        let too_deep = "[".repeat(200) + &"]".repeat(200);
+        let payload = format!("[{TICK},{too_deep}]");
+        let decoded = decode(RecordType::Tick.spec(), &Bytes::from(payload), LIMITS);
+        assert_eq!(decoded.rows.len(), 1, "the valid tick is kept");
+        let reasons: Vec<_> = decoded.rejected.iter().map(|r| r.reject.reason).collect();
+        assert_eq!(reasons, vec![RejectReason::InvalidJson]);
+        assert_eq!(decoded.rejected[0].payload, too_deep.as_bytes());
     }
 
     #[test]

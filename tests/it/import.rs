@@ -515,3 +515,32 @@ async fn a_later_line_wins_across_batches_and_a_rerun_ends_in_the_same_rows() {
         first
     );
 }
+
+/// A newer version that differs only in the sign of a zero is a change:
+/// doubles are compared by their bits, not by `=` (where 0 = -0).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_version_differing_only_in_the_sign_of_zero_replaces_the_stored_one() {
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let header = "symbol,timestamp,open,high,low,close,volume,value";
+    let mut positive = Csv::new("zero.csv", header);
+    positive.push(format!("FPT,{},10,12,9,11,1,0", at(0)));
+    write_plain(&dir.path().join(positive.name), &positive.text);
+    let (output, stdout, stderr) = import(&db, dir.path(), &["zero.csv"]);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+
+    let mut negative = Csv::new("negative-zero.csv", header);
+    negative.push(format!("FPT,{},10,12,9,11,1,-0", at(0)));
+    write_plain(&dir.path().join(negative.name), &negative.text);
+    let (output, stdout, stderr) = import(&db, dir.path(), &["negative-zero.csv"]);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("1 row accepted (1 new or changed)"),
+        "{stdout}"
+    );
+    let pool = db.pool().await;
+    assert_eq!(
+        dump(&pool, "candles_1m", "value::text", "timestamp").await,
+        vec!["-0".to_string()]
+    );
+}

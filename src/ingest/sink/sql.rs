@@ -48,10 +48,27 @@ impl Statements {
                     .map(|c| format!("{c} = EXCLUDED.{c}"))
                     .collect::<Vec<_>>()
                     .join(", ");
+                // Doubles compared by their bits: `=` holds 0 and -0 equal,
+                // and a version differing only in that sign is still newer.
                 let list = |prefix: &str| {
                     updated
                         .iter()
-                        .map(|c| format!("{prefix}.{c}"))
+                        .map(|c| {
+                            let float = spec.fields.iter().any(|f| {
+                                format!("\"{}\"", f.name) == **c
+                                    && matches!(
+                                        f.ty,
+                                        FieldType::Positive
+                                            | FieldType::NonNegative
+                                            | FieldType::Finite
+                                    )
+                            });
+                            if float {
+                                format!("float8send({prefix}.{c})")
+                            } else {
+                                format!("{prefix}.{c}")
+                            }
+                        })
                         .collect::<Vec<_>>()
                         .join(", ")
                 };
