@@ -156,11 +156,12 @@ mod tests {
             .contains("candles_1m.stream_seq <= EXCLUDED.stream_seq"));
         assert!(
             candle.merge.ends_with(
-                "AND (candles_1m.\"open\", candles_1m.\"high\", candles_1m.\"low\", \
-                 candles_1m.\"close\", candles_1m.\"volume\", candles_1m.\"value\", \
-                 candles_1m.stream_seq) IS DISTINCT FROM (EXCLUDED.\"open\", \
-                 EXCLUDED.\"high\", EXCLUDED.\"low\", EXCLUDED.\"close\", \
-                 EXCLUDED.\"volume\", EXCLUDED.\"value\", EXCLUDED.stream_seq)"
+                "AND (float8send(candles_1m.\"open\"), float8send(candles_1m.\"high\"), \
+                 float8send(candles_1m.\"low\"), float8send(candles_1m.\"close\"), \
+                 candles_1m.\"volume\", float8send(candles_1m.\"value\"), candles_1m.stream_seq) \
+                 IS DISTINCT FROM (float8send(EXCLUDED.\"open\"), float8send(EXCLUDED.\"high\"), \
+                 float8send(EXCLUDED.\"low\"), float8send(EXCLUDED.\"close\"), \
+                 EXCLUDED.\"volume\", float8send(EXCLUDED.\"value\"), EXCLUDED.stream_seq)"
             ),
             "an equal version is left alone: {}",
             candle.merge
