@@ -811,6 +811,11 @@ impl PgServer {
         assert!(status.success(), "initdb failed");
         configure(&dir.path().join("data"));
         chown(&dir.path().join("data"));
+        PgServer::serve(dir)
+    }
+
+    /// Starts the cluster whose data directory is `dir/data` on a free port.
+    fn serve(dir: tempfile::TempDir) -> PgServer {
         let mut server = PgServer {
             port: free_port(),
             dir,
@@ -849,13 +854,7 @@ impl PgServer {
             "pg_basebackup failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        let mut server = PgServer {
-            port: free_port(),
-            dir,
-            running: false,
-        };
-        server.resume();
-        server
+        PgServer::serve(dir)
     }
 
     /// Like [`PgServer::start`], with `settings` (lines such as
