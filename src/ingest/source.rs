@@ -37,6 +37,11 @@ pub const CORE_QUEUE_GROUP: &str = "tickvault";
 /// that at shutdown the last pull ends soon and everything it still brings
 /// is handed back.
 const PULL_EXPIRES: Duration = Duration::from_secs(2);
+/// How long past its expiry a pull may go without the server's word that it
+/// ended before it is treated as ended. The end is a status message; when it
+/// goes missing (seen with a loaded nats-server), async-nats alone waits 5 s
+/// more, and nothing is pulled meanwhile.
+const PULL_END_GRACE: Duration = Duration::from_millis(500);
 /// Room for a delivered message's subject and headers beyond its payload.
 const PULL_OVERHEAD_BYTES: usize = 64 * 1024;
 /// How long to wait after a pull that was refused without a message.
@@ -519,6 +524,7 @@ impl Source {
                     return;
                 }
             };
+            let pull_ends_by = Instant::now() + PULL_EXPIRES + PULL_END_GRACE;
             let mut open = true;
             let mut received = 0usize;
             let mut interrupted = None;
@@ -532,6 +538,10 @@ impl Source {
                     _ = tokio::time::sleep_until(next_keep_alive) => {
                         self.lifecycle.keep_alive(&held).await;
                         next_keep_alive = Instant::now() + self.lifecycle.keep_alive_every();
+                    }
+                    _ = tokio::time::sleep_until(pull_ends_by), if open => {
+                        tracing::debug!(r#type = name, "the server did not end an expired pull; pulling again");
+                        open = false;
                     }
                     room = async {
                         match held.front() {
