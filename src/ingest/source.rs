@@ -621,7 +621,8 @@ impl Source {
         let origin = message.info().ok().map(|info| JetStreamOrigin {
             stream_seq: info.stream_sequence,
             delivered: info.delivered,
-            published_ns: info.published.unix_timestamp_nanos(),
+            // Nanoseconds since the epoch fit an i64 until 2262.
+            published_ns: info.published.unix_timestamp_nanos() as i64,
         });
         // The per-message copy of the JetStream context goes at once.
         let message = message.message;

@@ -18,7 +18,7 @@
 //! slower; see the README's Benchmarks for this timer's measured cost).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, context::ConsumerInfoErrorKind};
@@ -29,30 +29,41 @@ use crate::ingest::source::{durable_name, type_subject};
 use crate::ops::metrics::{LagReading, Metrics};
 use crate::records::RecordType;
 
-/// The arrival times of the messages one type holds, oldest first.
+/// The arrival times of the messages one type holds, oldest first, to the
+/// millisecond: a queue full of messages that arrived within a few
+/// milliseconds is a few entries, not one per message.
 #[derive(Debug, Default)]
 pub struct HeldMessages {
-    /// Arrival → how many held messages arrived at that instant.
-    arrivals: Mutex<BTreeMap<Instant, usize>>,
+    /// Arrival (milliseconds since [`origin`]) → how many held messages
+    /// arrived in that millisecond.
+    arrivals: Mutex<BTreeMap<u64, usize>>,
+}
+
+/// The instant arrivals are counted from.
+fn origin() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
 }
 
 impl HeldMessages {
     /// Registers a message received now; it counts until the token is dropped.
     pub fn hold(self: &Arc<Self>) -> Held {
-        let at = Instant::now();
-        *self.lock().entry(at).or_default() += 1;
+        let at_ms = origin().elapsed().as_millis() as u64;
+        *self.lock().entry(at_ms).or_default() += 1;
         Held {
             messages: self.clone(),
-            at,
+            at_ms,
         }
     }
 
-    /// When the oldest held message arrived.
+    /// When the oldest held message arrived (to the millisecond).
     pub fn oldest(&self) -> Option<Instant> {
-        self.lock().first_key_value().map(|(at, _)| *at)
+        self.lock()
+            .first_key_value()
+            .map(|(at_ms, _)| origin() + Duration::from_millis(*at_ms))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Instant, usize>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, usize>> {
         self.arrivals.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -61,16 +72,24 @@ impl HeldMessages {
 #[derive(Debug)]
 pub struct Held {
     messages: Arc<HeldMessages>,
-    at: Instant,
+    at_ms: u64,
+}
+
+impl Held {
+    /// When it arrived (to the millisecond).
+    #[cfg(test)]
+    fn at(&self) -> Instant {
+        origin() + Duration::from_millis(self.at_ms)
+    }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
         let mut arrivals = self.messages.lock();
-        if let Some(count) = arrivals.get_mut(&self.at) {
+        if let Some(count) = arrivals.get_mut(&self.at_ms) {
             *count -= 1;
             if *count == 0 {
-                arrivals.remove(&self.at);
+                arrivals.remove(&self.at_ms);
             }
         }
     }
@@ -241,27 +260,28 @@ mod tests {
         assert_eq!(held.oldest(), None);
         let first = held.hold();
         let second = held.hold();
+        std::thread::sleep(Duration::from_millis(2));
         let third = held.hold();
-        assert_eq!(held.oldest(), Some(first.at));
+        assert_eq!(held.oldest(), Some(first.at()));
         drop(second);
-        assert_eq!(held.oldest(), Some(first.at), "a newer one settled first");
+        assert_eq!(held.oldest(), Some(first.at()), "a newer one settled first");
         drop(first);
-        assert_eq!(held.oldest(), Some(third.at));
+        assert_eq!(held.oldest(), Some(third.at()));
         drop(third);
         assert_eq!(held.oldest(), None);
     }
 
     #[test]
-    fn two_messages_arriving_at_the_same_instant_are_both_counted() {
+    fn two_messages_arriving_in_the_same_millisecond_are_both_counted() {
         let held = Arc::new(HeldMessages::default());
         let one = held.hold();
         let same = Held {
             messages: held.clone(),
-            at: one.at,
+            at_ms: one.at_ms,
         };
-        *held.lock().get_mut(&one.at).unwrap() += 1;
+        *held.lock().get_mut(&one.at_ms).unwrap() += 1;
         drop(one);
-        assert_eq!(held.oldest(), Some(same.at));
+        assert_eq!(held.oldest(), Some(same.at()));
         drop(same);
         assert_eq!(held.oldest(), None);
     }
