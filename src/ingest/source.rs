@@ -37,11 +37,12 @@ pub const CORE_QUEUE_GROUP: &str = "tickvault";
 /// that at shutdown the last pull ends soon and everything it still brings
 /// is handed back.
 const PULL_EXPIRES: Duration = Duration::from_secs(2);
-/// How long past its expiry a pull may go without the server's word that it
-/// ended before it is treated as ended. The end is a status message; when it
-/// goes missing (seen with a loaded nats-server), async-nats alone waits 5 s
-/// more, and nothing is pulled meanwhile.
-const PULL_END_GRACE: Duration = Duration::from_millis(500);
+/// How long past its expiry (and past its last message) a pull may go
+/// without the server's word that it ended before it is treated as ended.
+/// The end is a status message; when it goes missing (seen with a loaded
+/// nats-server), async-nats alone waits 5 s more, and nothing is pulled
+/// meanwhile. Ending too early costs only a redelivery after the ack wait.
+const PULL_END_GRACE: Duration = Duration::from_secs(1);
 /// Room for a delivered message's subject and headers beyond its payload.
 const PULL_OVERHEAD_BYTES: usize = 64 * 1024;
 /// How long to wait after a pull that was refused without a message.
@@ -524,7 +525,7 @@ impl Source {
                     return;
                 }
             };
-            let pull_ends_by = Instant::now() + PULL_EXPIRES + PULL_END_GRACE;
+            let mut pull_ends_by = Instant::now() + PULL_EXPIRES + PULL_END_GRACE;
             let mut open = true;
             let mut received = 0usize;
             let mut interrupted = None;
@@ -538,10 +539,6 @@ impl Source {
                     _ = tokio::time::sleep_until(next_keep_alive) => {
                         self.lifecycle.keep_alive(&held).await;
                         next_keep_alive = Instant::now() + self.lifecycle.keep_alive_every();
-                    }
-                    _ = tokio::time::sleep_until(pull_ends_by), if open => {
-                        tracing::debug!(r#type = name, "the server did not end an expired pull; pulling again");
-                        open = false;
                     }
                     room = async {
                         match held.front() {
@@ -562,6 +559,9 @@ impl Source {
                     message = batch.next(), if open => match message {
                         Some(Ok(message)) => {
                             received += 1;
+                            // The server delivers nothing past the expiry:
+                            // a message is a sign of a slow worker, not a lost end.
+                            pull_ends_by = pull_ends_by.max(Instant::now() + PULL_END_GRACE);
                             if let Some(delivery) = self.receive(message).await {
                                 held.push_back(delivery);
                                 self.queue_held(&mut held);
@@ -573,6 +573,11 @@ impl Source {
                         }
                         None => open = false,
                     },
+                    // Last: only when nothing the pull brought is waiting.
+                    _ = tokio::time::sleep_until(pull_ends_by), if open => {
+                        tracing::debug!(r#type = name, "the server did not end an expired pull; pulling again");
+                        open = false;
+                    }
                 }
             }
             if let Some(e) = &interrupted {
