@@ -250,9 +250,13 @@ pub async fn run(
             }
             delivery = queue.rx.recv(), if open => match delivery {
                 Some(delivery) => {
+                    // While every waiting delivery is blocked, a new one can
+                    // unblock the batcher only if `take_batch` would look at
+                    // it: not when a batch's worth of rows waits before it
+                    // (rescanning them for every arrival cost more than it found).
+                    blocked &= pending_rows > limits.max_batch_rows;
                     pending_rows += delivery.rows.len();
                     pending.push_back(delivery);
-                    blocked = false;
                 }
                 None => open = false,
             },
